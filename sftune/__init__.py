@@ -1,0 +1,28 @@
+"""sftune: supervised fine-tuning of language models, with TRL's API."""
+
+__version__ = "0.1.0"
+
+from .chat import setup_chat_format
+from .config import SFTConfig
+from .data.collators import DataCollatorForCompletionOnlyLM, DataCollatorForSFT
+from .models import (
+    ModelConfig,
+    get_kbit_device_map,
+    get_peft_config,
+    get_quantization_config,
+    smollm2_path,
+)
+from .trainers.sft import SFTTrainer
+
+__all__ = [
+    "DataCollatorForCompletionOnlyLM",
+    "DataCollatorForSFT",
+    "ModelConfig",
+    "SFTConfig",
+    "SFTTrainer",
+    "get_kbit_device_map",
+    "get_peft_config",
+    "get_quantization_config",
+    "setup_chat_format",
+    "smollm2_path",
+]

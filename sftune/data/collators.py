@@ -1,0 +1,233 @@
+"""Collators: turn tokenized rows into padded tensors with labels.
+
+Padding is found from each row's length, never from the pad id, so EOS stays in the loss when pad == eos.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None
+) -> torch.Tensor:
+    """Right-pad lists of ints into one (batch, longest) tensor."""
+    longest = max(len(row) for row in rows)
+    if multiple_of:
+        longest = -(-longest // multiple_of) * multiple_of
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """A (batch, 1, width, width) boolean mask: causal inside each document, nothing across documents or padding."""
+    doc_ids = torch.full((len(seq_lengths), width), -1, dtype=torch.long)
+    for i, lengths in enumerate(seq_lengths):
+        doc_ids[i, : sum(lengths)] = torch.repeat_interleave(
+            torch.arange(len(lengths)), torch.as_tensor(list(lengths))
+        )
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = same_doc & causal & (doc_ids[:, :, None] >= 0)
+    # Padding rows attend to themselves so that softmax never sees an all-masked row (NaN in SDPA).
+    mask |= torch.eye(width, dtype=torch.bool) & (doc_ids[:, :, None] < 0)
+    return mask[:, None]
+
+
+def position_ids_for(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(seq_lengths), width, dtype=torch.long)
+    for i, lengths in enumerate(seq_lengths):
+        out[i, : sum(lengths)] = torch.cat([torch.arange(n) for n in lengths])
+    return out
+
+
+class DataCollatorForSFT:
+    """Pads rows of `input_ids` + `loss_mask` and builds `labels` (-100 where no loss is taken).
+
+    Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
+    attention never crosses one: a block-diagonal mask for SDPA/eager, position ids alone for flash-attention
+    (whose varlen kernel reads document boundaries from them).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        attn_implementation: str | None = "sdpa",
+        completion_only: bool = True,
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.attn_implementation = attn_implementation or "sdpa"
+        self.completion_only = completion_only
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        masks = [f.get("loss_mask") if self.completion_only else None for f in features]
+        input_ids = pad_rows(ids, self.pad_token_id, self.pad_to_multiple_of)
+        width = input_ids.shape[1]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for i, (row, mask) in enumerate(zip(ids, masks, strict=True)):
+            row_labels = torch.as_tensor(row, dtype=torch.long)
+            if mask is not None:
+                row_labels = row_labels.masked_fill(
+                    torch.as_tensor(mask) == 0, IGNORE_INDEX
+                )
+            labels[i, : len(row)] = row_labels
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "num_tokens": torch.tensor(sum(len(r) for r in ids)),
+        }
+        if any("seq_lengths" in f for f in features):
+            seq_lengths = [
+                f.get("seq_lengths") or [len(f["input_ids"])] for f in features
+            ]
+            # The first token of a packed document must not be predicted from the previous document.
+            for i, lengths in enumerate(seq_lengths):
+                starts = torch.as_tensor(list(lengths)).cumsum(0)[:-1]
+                labels[i, starts] = IGNORE_INDEX
+            batch["position_ids"] = position_ids_for(seq_lengths, width)
+            if self.attn_implementation.startswith("flash"):
+                return batch
+            batch["attention_mask"] = block_causal_mask(seq_lengths, width)
+            return batch
+        attention = torch.zeros_like(input_ids)
+        for i, row in enumerate(ids):
+            attention[i, : len(row)] = 1
+        batch["attention_mask"] = attention
+        return batch
+
+
+class DataCollatorForCompletionOnlyLM:
+    """Train only on what follows `response_template` (and, with `instruction_template`, only on the responses
+    of a multi-turn text, up to the next instruction).
+
+    Templates may be strings or lists of token ids. A string template is also searched for as it tokenizes after
+    a newline or a space, so the context-dependent tokenization the TRL docs warn about (Llama-2's
+    "### Assistant:") is found without hand-made token ids. A row where the template is not found is left out of
+    the loss entirely, with a warning: the collator never trains silently on the prompt.
+    """
+
+    def __init__(
+        self,
+        response_template: str | list[int],
+        instruction_template: str | list[int] | None = None,
+        *args: Any,
+        tokenizer: Any = None,
+        mlm: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+        pad_to_multiple_of: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if tokenizer is None and args:
+            tokenizer, *args = args
+        if tokenizer is None:
+            raise ValueError(
+                "DataCollatorForCompletionOnlyLM needs the tokenizer: pass tokenizer=..."
+            )
+        if mlm:
+            raise ValueError(
+                "DataCollatorForCompletionOnlyLM is for causal language modelling; mlm must be False."
+            )
+        self.tokenizer = tokenizer
+        self.response_template = response_template
+        self.instruction_template = instruction_template
+        self.response_candidates = template_candidates(response_template, tokenizer)
+        self.instruction_candidates = (
+            template_candidates(instruction_template, tokenizer)
+            if instruction_template is not None
+            else None
+        )
+        self.ignore_index = ignore_index
+        self.pad_to_multiple_of = pad_to_multiple_of
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)."
+            )
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [list(f["input_ids"]) for f in features]
+        input_ids = pad_rows(ids, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        labels = torch.full_like(input_ids, self.ignore_index)
+        attention = torch.zeros_like(input_ids)
+        for i, row in enumerate(ids):
+            attention[i, : len(row)] = 1
+            for start, end in self.trainable_spans(row, i):
+                labels[i, start:end] = torch.as_tensor(row[start:end])
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def trainable_spans(self, row: list[int], index: int) -> list[tuple[int, int]]:
+        responses = find_all(row, self.response_candidates)
+        if not responses:
+            self._warn_missing("response", self.response_template, row, index)
+            return []
+        if self.instruction_candidates is None:
+            start, length = responses[0]
+            return [(start + length, len(row))]
+        instructions = find_all(row, self.instruction_candidates)
+        if not instructions:
+            self._warn_missing("instruction", self.instruction_template, row, index)
+            return []
+        spans = []
+        for start, length in responses:
+            begin = start + length
+            end = min((s for s, _ in instructions if s >= begin), default=len(row))
+            spans.append((begin, end))
+        return spans
+
+    def _warn_missing(
+        self, which: str, template: Any, row: list[int], index: int
+    ) -> None:
+        preview = self.tokenizer.decode(row[:60])
+        warnings.warn(
+            f"Could not find the {which} template {template!r} in batch row {index} (starts with {preview!r}). "
+            "This row is left out of the loss. Check the template's spelling and spacing, or pass its token ids "
+            "as they appear in context.",
+            stacklevel=3,
+        )
+
+
+def template_candidates(template: str | list[int], tokenizer: Any) -> list[list[int]]:
+    """Token sequences a template may appear as: as given, and as it tokenizes after a newline or a space."""
+    if isinstance(template, (list, tuple)):
+        return [list(template)]
+    candidates = [tokenizer.encode(template, add_special_tokens=False)]
+    for context in ("\n", " ", "\n\n"):
+        context_ids = tokenizer.encode(context, add_special_tokens=False)
+        with_context = tokenizer.encode(context + template, add_special_tokens=False)
+        if with_context[: len(context_ids)] == context_ids and len(with_context) > len(
+            context_ids
+        ):
+            candidates.append(with_context[len(context_ids) :])
+    unique: list[list[int]] = []
+    for candidate in candidates:
+        if candidate and candidate not in unique:
+            unique.append(candidate)
+    return unique
+
+
+def find_all(row: list[int], candidates: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, length) of every non-overlapping occurrence of any candidate, in order."""
+    found = []
+    i = 0
+    while i < len(row):
+        for candidate in candidates:
+            if row[i : i + len(candidate)] == candidate:
+                found.append((i, len(candidate)))
+                i += len(candidate)
+                break
+        else:
+            i += 1
+    return found

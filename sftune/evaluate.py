@@ -1,0 +1,80 @@
+"""Greedy generation and exact-match accuracy on held-out conversations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[dict]],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """The model's greedy reply to each conversation (batched, left-padded; the prompt is not returned)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    generate_kwargs.setdefault("do_sample", False)
+    replies: list[str] = []
+    # Longest prompts first so each batch pads little; answers are put back in input order.
+    order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))
+    try:
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(
+            batches, desc="Generating", disable=not progress, leave=False
+        ):
+            chunk = [conversations[i] for i in order[start : start + batch_size]]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    c, tokenize=False, add_generation_prompt=True
+                )
+                for c in chunk
+            ]
+            inputs = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
+            outputs = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+            new_tokens = outputs[:, inputs["input_ids"].shape[1] :]
+            replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    by_input_order = [""] * len(order)
+    for reply, index in zip(replies, order, strict=True):
+        by_input_order[index] = reply
+    return by_input_order
+
+
+def exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[dict],
+    prompt_of: Callable[[dict], list[dict]],
+    is_correct: Callable[[str, str], bool],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> tuple[float, list[str]]:
+    """Fraction of `examples` whose greedy reply `is_correct` against `example["answer"]`, and the replies."""
+    replies = generate_replies(
+        model, tokenizer, [prompt_of(e) for e in examples], max_new_tokens, batch_size
+    )
+    correct = sum(
+        is_correct(reply, example["answer"])
+        for reply, example in zip(replies, examples, strict=True)
+    )
+    return correct / max(len(examples), 1), replies

@@ -1,0 +1,3 @@
+from .sft import SFTTrainer
+
+__all__ = ["SFTTrainer"]

@@ -1,0 +1,390 @@
+"""SFTTrainer: `transformers.Trainer` plus model loading, dataset preparation, PEFT and SFT metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig
+from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
+from ..data.packing import pack_dataset
+from ..data.tokenize import TokenizeOptions, prepare_dataset
+from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
+from .model_card import write_model_card
+
+logger = logging.getLogger(__name__)
+
+# SFTConfig fields that old TRL versions accepted as SFTTrainer keyword arguments.
+LEGACY_TRAINER_KWARGS = (
+    "dataset_text_field",
+    "max_seq_length",
+    "packing",
+    "dataset_num_proc",
+    "dataset_batch_size",
+    "neftune_noise_alpha",
+    "model_init_kwargs",
+    "dataset_kwargs",
+    "eval_packing",
+    "num_of_sequences",
+    "chars_per_token",
+)
+# Columns our prepared datasets carry that the model's forward does not take, but the collator needs.
+PREPARED_COLUMNS = [
+    "input_ids",
+    "loss_mask",
+    "seq_lengths",
+    "labels",
+    "attention_mask",
+    "position_ids",
+]
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning trainer with TRL's `SFTTrainer` API.
+
+    `model` may be a model instance, or a hub id / local path loaded with `args.model_init_kwargs`. Datasets may
+    be plain text (`dataset_text_field`), conversations (`messages`), `prompt`/`completion` pairs, already
+    tokenized (`input_ids`), or anything `formatting_func` turns into text. They are tokenized once, before
+    training, and any bad row is reported with its index, column and a fix.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | torch.nn.Module | str | os.PathLike | None = None,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        tokenizer: Any = None,
+        model_init: Callable[[], PreTrainedModel] | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        processing_class: Any = None,
+        **legacy_kwargs: Any,
+    ) -> None:
+        args = _as_sft_config(args, model, legacy_kwargs)
+        if model is None and model_init is None:
+            raise ValueError(
+                "SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path."
+            )
+        if isinstance(model, (str, os.PathLike)):
+            model_id = str(model)
+            model = load_model(model_id, args.model_init_kwargs)
+        else:
+            model_id = model_name_or_path(model) if model is not None else None
+            if args.model_init_kwargs:
+                raise ValueError(
+                    "model_init_kwargs only apply when the model is given by name or path, but a model instance "
+                    "was passed. Load the model with those arguments yourself, or pass its name instead."
+                )
+        if (
+            tokenizer is not None
+            and processing_class is not None
+            and tokenizer is not processing_class
+        ):
+            raise ValueError(
+                "Pass the tokenizer as `processing_class` or `tokenizer`, not both."
+            )
+        processing_class = (
+            processing_class if processing_class is not None else tokenizer
+        )
+        if processing_class is None:
+            if model_id is None:
+                raise ValueError(
+                    "Cannot tell which tokenizer to load: pass processing_class=tokenizer."
+                )
+            processing_class = load_tokenizer(model_id)
+        ensure_pad_token(processing_class)
+        text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.max_seq_length is None:
+            args.max_seq_length = args.max_length = min(
+                text_tokenizer.model_max_length, DEFAULT_MAX_SEQ_LENGTH_CAP
+            )
+
+        if model is not None:
+            model = _prepare_peft_model(model, peft_config, args)
+            _maybe_enable_liger(args)
+
+        options = args.dataset_options
+        if not options["skip_prepare_dataset"]:
+            train_dataset = self._prepare(
+                train_dataset,
+                text_tokenizer,
+                args,
+                formatting_func,
+                args.packing,
+                "train",
+            )
+            eval_packing = (
+                args.packing if args.eval_packing is None else args.eval_packing
+            )
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    name: self._prepare(
+                        data,
+                        text_tokenizer,
+                        args,
+                        formatting_func,
+                        eval_packing,
+                        f"eval {name}",
+                    )
+                    for name, data in eval_dataset.items()
+                }
+            else:
+                eval_dataset = self._prepare(
+                    eval_dataset,
+                    text_tokenizer,
+                    args,
+                    formatting_func,
+                    eval_packing,
+                    "eval",
+                )
+        if data_collator is None:
+            attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            data_collator = DataCollatorForSFT(
+                text_tokenizer.pad_token_id, attn_implementation=attn
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.model_id = model_id
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._num_tokens = {"train": 0, "eval": 0}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Data
+    # ----------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare(
+        dataset: Any,
+        tokenizer: Any,
+        args: SFTConfig,
+        formatting_func: Callable | None,
+        packing: bool,
+        name: str,
+    ) -> Any:
+        if dataset is None:
+            return None
+        options = TokenizeOptions(
+            max_length=None
+            if packing and args.packing_strategy == "wrapped"
+            else args.max_seq_length,
+            text_field=args.dataset_text_field,
+            add_special_tokens=args.dataset_options["add_special_tokens"],
+            completion_only_loss=args.completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss,
+            truncation_mode=args.truncation_mode,
+        )
+        dataset = prepare_dataset(
+            dataset,
+            tokenizer,
+            options,
+            formatting_func,
+            args.dataset_num_proc,
+            args.dataset_batch_size,
+            name,
+        )
+        if packing:
+            dataset = pack_dataset(
+                dataset, args.max_seq_length, args.packing_strategy, seed=args.seed
+            )
+        return dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(
+            dict.fromkeys(self._signature_columns + PREPARED_COLUMNS)
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loss and metrics
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        mode = "train" if self.model.training else "eval"
+        self._num_tokens[mode] += count_real_tokens(inputs)
+        self._metrics[mode]["num_tokens"] = [float(self._num_tokens[mode])]
+        inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
+        return super()._prepare_inputs(inputs)
+
+    def compute_loss(
+        self, model, inputs, return_outputs=False, num_items_in_batch=None
+    ):
+        mode = "train" if model.training else "eval"
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        self._record_accuracy(mode, inputs, outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_accuracy(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        labels = inputs.get("labels")
+        if logits is None or labels is None or logits.dim() != 3:
+            return
+        if not self.model_is_encoder_decoder:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != IGNORE_INDEX
+        total = mask.sum()
+        if total > 0:
+            correct = ((logits.argmax(-1) == labels) & mask).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / total).item())
+
+    @property
+    def model_is_encoder_decoder(self) -> bool:
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return bool(getattr(config, "is_encoder_decoder", False))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode] = defaultdict(list)
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving
+    # ----------------------------------------------------------------------------------------------------------
+
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False
+    ) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            write_model_card(Path(output_dir or self.args.output_dir), self)
+
+
+def count_real_tokens(inputs: dict[str, Any]) -> int:
+    """Tokens that are not padding: the collator's count, else the 2D attention mask's."""
+    if "num_tokens" in inputs:
+        return int(inputs["num_tokens"])
+    attention = inputs.get("attention_mask")
+    if attention is not None and attention.dim() == 2:
+        return int(attention.sum())
+    input_ids = inputs.get("input_ids")
+    return int(input_ids.numel()) if input_ids is not None else 0
+
+
+def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTConfig:
+    unknown = set(legacy_kwargs) - set(LEGACY_TRAINER_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}."
+        )
+    if args is None:
+        name = (
+            str(model).rstrip("/").split("/")[-1]
+            if isinstance(model, (str, os.PathLike))
+            else "model"
+        )
+        args = SFTConfig(output_dir=f"{name}-SFT")
+    elif not isinstance(args, SFTConfig):
+        fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        values = {
+            k: v
+            for k, v in args.to_dict().items()
+            if k in fields and not k.startswith("_")
+        }
+        values = {k: getattr(args, k) for k in values}
+        args = SFTConfig(**values)
+    if legacy_kwargs:
+        warnings.warn(
+            f"Passing {sorted(legacy_kwargs)} to SFTTrainer is deprecated; set them on SFTConfig instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if "max_seq_length" in legacy_kwargs:
+            args.max_length = None
+        for key, value in legacy_kwargs.items():
+            setattr(args, key, value)
+        if "max_seq_length" in legacy_kwargs:
+            args.max_length = args.max_seq_length
+    return args
+
+
+def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
+    """Wrap the model with adapters when `peft_config` is given; get k-bit and checkpointed models ready."""
+    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+        # Reentrant checkpointing drops gradients when the inputs need none (frozen embeddings under PEFT).
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    is_peft = _is_peft_model(model)
+    if peft_config is None:
+        if is_peft and args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return model
+    if is_peft:
+        raise ValueError(
+            "The model is already a PeftModel; to keep training its adapters, do not pass peft_config. "
+            "To train new adapters, merge the old ones first (model.merge_and_unload())."
+        )
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(
+        model, "is_loaded_in_8bit", False
+    ):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        )
+    elif args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def _is_peft_model(model: Any) -> bool:
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _maybe_enable_liger(args: SFTConfig) -> None:
+    if not args.use_liger:
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        warnings.warn(
+            "use_liger=True but liger-kernel is not installed (`pip install 'sftune[liger]'`); training without it.",
+            stacklevel=3,
+        )
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(
+            "use_liger=True but Liger kernels need a CUDA GPU; training without them.",
+            stacklevel=3,
+        )
+        return
+    args.use_liger_kernel = True
