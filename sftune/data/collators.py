@@ -66,11 +66,13 @@ class DataCollatorForSFT:
         pad_to_multiple_of: int | None = None,
         attn_implementation: str | None = "sdpa",
         completion_only: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.attn_implementation = attn_implementation or "sdpa"
         self.completion_only = completion_only
+        self.dtype = dtype  # of the additive mask eager attention needs
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f["input_ids"] for f in features]
@@ -101,7 +103,10 @@ class DataCollatorForSFT:
             batch["position_ids"] = position_ids_for(seq_lengths, width)
             if self.attn_implementation.startswith("flash"):
                 return batch
-            batch["attention_mask"] = block_causal_mask(seq_lengths, width)
+            mask = block_causal_mask(seq_lengths, width)
+            if self.attn_implementation == "eager":  # eager adds the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+            batch["attention_mask"] = mask
             return batch
         attention = torch.zeros_like(input_ids)
         for i, row in enumerate(ids):
@@ -200,19 +205,20 @@ class DataCollatorForCompletionOnlyLM:
 
 
 def template_candidates(template: str | list[int], tokenizer: Any) -> list[list[int]]:
-    """Token sequences a template may appear as: as given, and as it tokenizes after a newline or a space."""
+    """Token sequences a template may appear as: as given, and as it tokenizes after a newline or a space
+    (without the context's own tokens, or together with them when the context merges into the first token)."""
     if isinstance(template, (list, tuple)):
         return [list(template)]
     candidates = [tokenizer.encode(template, add_special_tokens=False)]
     for context in ("\n", " ", "\n\n"):
         context_ids = tokenizer.encode(context, add_special_tokens=False)
         with_context = tokenizer.encode(context + template, add_special_tokens=False)
-        if with_context[: len(context_ids)] == context_ids and len(with_context) > len(
-            context_ids
-        ):
+        if with_context[: len(context_ids)] == context_ids:
             candidates.append(with_context[len(context_ids) :])
+        else:
+            candidates.append(with_context)
     unique: list[list[int]] = []
-    for candidate in candidates:
+    for candidate in sorted(candidates, key=len, reverse=True):
         if candidate and candidate not in unique:
             unique.append(candidate)
     return unique

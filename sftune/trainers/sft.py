@@ -155,9 +155,8 @@ class SFTTrainer(Trainer):
                 )
         if data_collator is None:
             attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            data_collator = DataCollatorForSFT(
-                text_tokenizer.pad_token_id, attn_implementation=attn
-            )
+            dtype = getattr(model, "dtype", torch.float32)
+            data_collator = DataCollatorForSFT(text_tokenizer.pad_token_id, attn_implementation=attn, dtype=dtype)
 
         super().__init__(
             model=model,
