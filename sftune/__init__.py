@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .chat import setup_chat_format
 from .config import SFTConfig
 from .data.collators import DataCollatorForCompletionOnlyLM, DataCollatorForSFT
+from .data.constant_length import ConstantLengthDataset
 from .models import (
     ModelConfig,
     get_kbit_device_map,
@@ -15,6 +16,7 @@ from .models import (
 from .trainers.sft import SFTTrainer
 
 __all__ = [
+    "ConstantLengthDataset",
     "DataCollatorForCompletionOnlyLM",
     "DataCollatorForSFT",
     "ModelConfig",

@@ -10,9 +10,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-FORMATS = {
-    "chatml": {"bos": "<|im_start|>", "eos": "<|im_end|>", "template": CHATML_TEMPLATE}
-}
+FORMATS = {"chatml": {"bos": "<|im_start|>", "eos": "<|im_end|>", "template": CHATML_TEMPLATE}}
 
 
 def setup_chat_format(
@@ -27,25 +25,19 @@ def setup_chat_format(
     taught to converse.
     """
     if format not in FORMATS:
-        raise ValueError(
-            f"Unknown chat format {format!r}; available: {sorted(FORMATS)}."
-        )
+        raise ValueError(f"Unknown chat format {format!r}; available: {sorted(FORMATS)}.")
     if getattr(tokenizer, "chat_template", None) is not None:
         raise ValueError(
             "The tokenizer already has a chat template; setup_chat_format would replace it. Keep the existing "
             "template, or set tokenizer.chat_template = None first if you really mean to replace it."
         )
     spec = FORMATS[format]
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [spec["bos"], spec["eos"]]}
-    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [spec["bos"], spec["eos"]]})
     tokenizer.bos_token = spec["bos"]
     tokenizer.eos_token = spec["eos"]
     tokenizer.pad_token = spec["eos"]
     tokenizer.chat_template = spec["template"]
-    model.resize_token_embeddings(
-        len(tokenizer), pad_to_multiple_of=resize_to_multiple_of
-    )
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=resize_to_multiple_of)
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

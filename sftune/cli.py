@@ -35,31 +35,19 @@ class ScriptArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={
-            "help": "Local .jsonl/.json/.csv/.parquet file, saved dataset dir, or datasets name."
-        },
+        metadata={"help": "Local .jsonl/.json/.csv/.parquet file, saved dataset dir, or datasets name."},
     )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "Dataset configuration name."}
-    )
-    dataset_train_split: str = field(
-        default="train", metadata={"help": "Split to train on."}
-    )
-    dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on, if it exists."}
-    )
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Separate file or name to evaluate on."}
-    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if it exists."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Separate file or name to evaluate on."})
     merge_adapters: bool = field(
         default=True,
         metadata={
             "help": "With PEFT, also save a merged full model in output_dir (adapters go to output_dir/adapter)."
         },
     )
-    plot_loss: bool = field(
-        default=True, metadata={"help": "Write the loss curve to output_dir/loss.png."}
-    )
+    plot_loss: bool = field(default=True, metadata={"help": "Write the loss curve to output_dir/loss.png."})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,35 +63,25 @@ def parse_sft_args(argv: list[str]) -> tuple[ScriptArguments, Any, Any]:
     from .config import SFTConfig
     from .models import ModelConfig
 
-    parser = HfArgumentParser(
-        (ScriptArguments, SFTConfig, ModelConfig), prog="sftune sft"
-    )
-    parser.add_argument(
-        "--config", type=str, default=None, help="YAML file of defaults for any flag."
-    )
+    parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelConfig), prog="sftune sft")
+    parser.add_argument("--config", type=str, default=None, help="YAML file of defaults for any flag.")
     config_path = _pop_config_path(argv)
     if config_path:
         values = yaml.safe_load(Path(config_path).read_text()) or {}
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(
-                f"{config_path}: unknown keys {unknown}. Run `sftune sft --help` for the fields."
-            )
+            raise SystemExit(f"{config_path}: unknown keys {unknown}. Run `sftune sft --help` for the fields.")
         parser.set_defaults(**{k: _yaml_to_flag_value(v) for k, v in values.items()})
         # A required flag given by the YAML file is no longer required on the command line.
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
     # The --config flag itself (already consumed) comes back as an extra namespace; keep the three dataclasses.
-    *parsed, extra = parser.parse_args_into_dataclasses(
-        argv, return_remaining_strings=True
-    )
+    *parsed, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     script_args, sft_args, model_args = parsed[:3]
     if extra:
-        raise SystemExit(
-            f"Unknown arguments: {extra}. Run `sftune sft --help` for the fields."
-        )
+        raise SystemExit(f"Unknown arguments: {extra}. Run `sftune sft --help` for the fields.")
     return script_args, sft_args, model_args
 
 
@@ -137,13 +115,9 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
     if path.is_file():
         builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise SystemExit(
-                f"{name}: unsupported file type; use one of {sorted(LOCAL_DATA_BUILDERS)}."
-            )
+            raise SystemExit(f"{name}: unsupported file type; use one of {sorted(LOCAL_DATA_BUILDERS)}.")
         return load_dataset(builder, data_files=str(path), split="train")
-    if path.is_dir() and any(
-        (path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")
-    ):
+    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         data = load_from_disk(str(path))
         return data[split] if isinstance(data, DatasetDict) else data
     return load_dataset(name, config, split=split)
@@ -161,13 +135,9 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
 
     script_args, sft_args, model_args = parse_sft_args(argv)
     if not model_args.model_name_or_path:
-        raise SystemExit(
-            "Give the model: --model_name_or_path PATH_OR_ID (or model_name_or_path in the YAML)."
-        )
+        raise SystemExit("Give the model: --model_name_or_path PATH_OR_ID (or model_name_or_path in the YAML).")
     if not script_args.dataset_name:
-        raise SystemExit(
-            "Give the data: --dataset_name FILE_OR_NAME (or dataset_name in the YAML)."
-        )
+        raise SystemExit("Give the data: --dataset_name FILE_OR_NAME (or dataset_name in the YAML).")
     train = load_any_dataset(
         script_args.dataset_name,
         script_args.dataset_config,
@@ -198,11 +168,7 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     output_dir = Path(sft_args.output_dir)
     save_trained_model(trainer, output_dir, script_args.merge_adapters)
-    losses = [
-        (entry["step"], entry["loss"])
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     summary = {
         "tokens_trained": trainer._num_tokens["train"],
         "tokens_per_second": round(trainer._num_tokens["train"] / seconds, 1),
@@ -279,11 +245,7 @@ def run_eval(argv: list[str]) -> float:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--show", type=int, default=3, help="print this many replies")
     args = parser.parse_args(argv)
-    rows = [
-        json.loads(line)
-        for line in Path(args.dataset).read_text().splitlines()
-        if line.strip()
-    ]
+    rows = [json.loads(line) for line in Path(args.dataset).read_text().splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -306,9 +268,7 @@ def run_preview(argv: list[str]) -> None:
     """Show what rows become: the tokens the model sees, with the trained ones marked."""
     from .data.preview import preview_rows
 
-    parser = argparse.ArgumentParser(
-        prog="sftune preview", description=run_preview.__doc__
-    )
+    parser = argparse.ArgumentParser(prog="sftune preview", description=run_preview.__doc__)
     parser.add_argument("--model", required=True, help="model or tokenizer path/id")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--rows", type=int, default=2)
@@ -330,9 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     COMMANDS[argv[0]](argv[1:])
 
 

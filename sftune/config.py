@@ -31,9 +31,7 @@ def normalize_model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]
     kwargs = dict(kwargs or {})
     if "torch_dtype" in kwargs:
         if "dtype" in kwargs and kwargs["dtype"] != kwargs["torch_dtype"]:
-            raise ValueError(
-                "model_init_kwargs sets both `torch_dtype` and `dtype` to different values; keep one."
-            )
+            raise ValueError("model_init_kwargs sets both `torch_dtype` and `dtype` to different values; keep one.")
         kwargs["dtype"] = kwargs.pop("torch_dtype")
     if "dtype" in kwargs:
         kwargs["dtype"] = resolve_dtype(kwargs["dtype"])
@@ -67,39 +65,25 @@ class SFTConfig(TrainingArguments):
     )
     eval_packing: bool | None = field(
         default=None,
-        metadata={
-            "help": "Pack the eval dataset too. Defaults to the value of `packing`."
-        },
+        metadata={"help": "Pack the eval dataset too. Defaults to the value of `packing`."},
     )
     max_seq_length: int | None = field(
         default=None,
-        metadata={
-            "help": "Longest tokenized sequence. Defaults to min(tokenizer.model_max_length, 1024)."
-        },
+        metadata={"help": "Longest tokenized sequence. Defaults to min(tokenizer.model_max_length, 1024)."},
     )
-    max_length: int | None = field(
-        default=None, metadata={"help": "Newer name of `max_seq_length`."}
-    )
+    max_length: int | None = field(default=None, metadata={"help": "Newer name of `max_seq_length`."})
     truncation_mode: str = field(
         default="keep_start",
-        metadata={
-            "help": "Which part of an over-long example to keep: 'keep_start' or 'keep_end'."
-        },
+        metadata={"help": "Which part of an over-long example to keep: 'keep_start' or 'keep_end'."},
     )
     dataset_num_proc: int | None = field(
         default=None,
-        metadata={
-            "help": "Processes used to tokenize the dataset (None: this process)."
-        },
+        metadata={"help": "Processes used to tokenize the dataset (None: this process)."},
     )
-    dataset_batch_size: int = field(
-        default=1000, metadata={"help": "Examples tokenized per batch."}
-    )
+    dataset_batch_size: int = field(default=1000, metadata={"help": "Examples tokenized per batch."})
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={
-            "help": "Keyword arguments of `from_pretrained` when the model is given by name or path."
-        },
+        metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
     )
     dataset_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -113,43 +97,27 @@ class SFTConfig(TrainingArguments):
     )
     num_of_sequences: int = field(
         default=1024,
-        metadata={
-            "help": "ConstantLengthDataset: examples buffered per packing round."
-        },
+        metadata={"help": "ConstantLengthDataset: examples buffered per packing round."},
     )
     chars_per_token: float = field(
         default=3.6,
-        metadata={
-            "help": "ConstantLengthDataset: characters per token, to size the buffer."
-        },
+        metadata={"help": "ConstantLengthDataset: characters per token, to size the buffer."},
     )
     completion_only_loss: bool | None = field(
         default=None,
-        metadata={
-            "help": "Train only on the completion of prompt/completion data. None: yes for such data."
-        },
+        metadata={"help": "Train only on the completion of prompt/completion data. None: yes for such data."},
     )
     assistant_only_loss: bool = field(
         default=False,
         metadata={"help": "Train only on the assistant turns of conversational data."},
     )
-    learning_rate: float = field(
-        default=2e-5, metadata={"help": "Initial AdamW learning rate."}
-    )
-    logging_steps: float = field(
-        default=10, metadata={"help": "Log every X update steps."}
-    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
     def __post_init__(self) -> None:
-        self.model_init_kwargs = _maybe_json(
-            self.model_init_kwargs, "model_init_kwargs"
-        )
+        self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
-        if (
-            self.max_length is not None
-            and self.max_seq_length is not None
-            and self.max_length != self.max_seq_length
-        ):
+        if self.max_length is not None and self.max_seq_length is not None and self.max_length != self.max_seq_length:
             raise ValueError(
                 f"max_length={self.max_length} and max_seq_length={self.max_seq_length} are the same setting "
                 "under two names; set only one."
@@ -158,17 +126,11 @@ class SFTConfig(TrainingArguments):
             self.max_seq_length = self.max_length
         self.max_length = self.max_seq_length
         if self.packing_strategy not in PACKING_STRATEGIES:
-            raise ValueError(
-                f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}."
-            )
+            raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(
-                f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}."
-            )
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         if not torch.cuda.is_available():
-            self.dataloader_pin_memory = (
-                False  # pinning needs an accelerator; without one it only warns
-            )
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; without one it only warns
         super().__post_init__()
 
     @property
@@ -181,9 +143,7 @@ class SFTConfig(TrainingArguments):
         }
         unknown = set(self.dataset_kwargs or {}) - set(options)
         if unknown:
-            raise ValueError(
-                f"Unknown dataset_kwargs {sorted(unknown)}; known keys: {sorted(options)}."
-            )
+            raise ValueError(f"Unknown dataset_kwargs {sorted(unknown)}; known keys: {sorted(options)}.")
         options.update(self.dataset_kwargs or {})
         return options
 
@@ -196,7 +156,5 @@ def _maybe_json(value: Any, name: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{name} must be a dict or a JSON object string, got {value!r}."
-            ) from err
+            raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r}.") from err
     return value

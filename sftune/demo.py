@@ -24,18 +24,14 @@ from .models import load_tokenizer, smollm2_path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "examples" / "demo.yaml"
-DEMO_N_TRAIN = 600
+DEMO_N_TRAIN = 400
 DEMO_N_TEST = 100
 DEMO_MAX_NEW_TOKENS = 24
 
 
-def evaluate_model(
-    path: Path, test: list[dict], label: str, max_new_tokens: int
-) -> float:
+def evaluate_model(path: Path, test: list[dict], label: str, max_new_tokens: int) -> float:
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path
-    )  # plain transformers: what users will do
+    model = AutoModelForCausalLM.from_pretrained(path)  # plain transformers: what users will do
     tokenizer = load_tokenizer(path)
     accuracy, replies = exact_match(
         model,
@@ -69,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("== sftune demo: SmolLM2-135M-Instruct on the bundled task ==")
     base = smollm2_path()
     print(f"model: {base}")
-    train_file, test_file = tasks.write_task_jsonl(
-        args.workdir / "data", n_train=n_train, n_test=n_test, seed=0
-    )
+    train_file, test_file = tasks.write_task_jsonl(args.workdir / "data", n_train=n_train, n_test=n_test, seed=0)
     test = [json.loads(line) for line in test_file.read_text().splitlines()]
     print(f"data: {train_file} ({n_train} rows), {test_file} ({n_test} rows)")
 
@@ -92,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  exact match before: {before:.1%}")
     print(f"  exact match after:  {after:.1%}")
     print(f"  loss curve:         {summary.get('loss_plot', '-')}")
-    print(
-        f"  fine-tuned model:   {output_dir}  (loads with AutoModelForCausalLM.from_pretrained)"
-    )
+    print(f"  fine-tuned model:   {output_dir}  (loads with AutoModelForCausalLM.from_pretrained)")
     print(f"  total time:         {time.perf_counter() - started:.0f}s")
     return {"before": before, "after": after}
 

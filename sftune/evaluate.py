@@ -30,19 +30,10 @@ def generate_replies(
     order = sorted(range(len(conversations)), key=lambda i: -len(str(conversations[i])))
     try:
         batches = range(0, len(order), batch_size)
-        for start in tqdm(
-            batches, desc="Generating", disable=not progress, leave=False
-        ):
+        for start in tqdm(batches, desc="Generating", disable=not progress, leave=False):
             chunk = [conversations[i] for i in order[start : start + batch_size]]
-            prompts = [
-                tokenizer.apply_chat_template(
-                    c, tokenize=False, add_generation_prompt=True
-                )
-                for c in chunk
-            ]
-            inputs = tokenizer(
-                prompts, return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(model.device)
+            prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             outputs = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -70,11 +61,6 @@ def exact_match(
     batch_size: int = 32,
 ) -> tuple[float, list[str]]:
     """Fraction of `examples` whose greedy reply `is_correct` against `example["answer"]`, and the replies."""
-    replies = generate_replies(
-        model, tokenizer, [prompt_of(e) for e in examples], max_new_tokens, batch_size
-    )
-    correct = sum(
-        is_correct(reply, example["answer"])
-        for reply, example in zip(replies, examples, strict=True)
-    )
+    replies = generate_replies(model, tokenizer, [prompt_of(e) for e in examples], max_new_tokens, batch_size)
+    correct = sum(is_correct(reply, example["answer"]) for reply, example in zip(replies, examples, strict=True))
     return correct / max(len(examples), 1), replies

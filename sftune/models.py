@@ -49,16 +49,12 @@ def smollm2_path(install: bool = True) -> Path:
     float32 safetensors checkpoint under `cache_dir()`, which later calls return in milliseconds.
     """
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").exists() and (
-        target / "tokenizer_config.json"
-    ).exists():
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
     gguf = _find_smollm2_gguf(install)
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained; rebuild it from a quantizer-free config.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -95,9 +91,7 @@ def _find_smollm2_gguf(install: bool) -> Path:
         )
     gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not gguf.exists():
-        raise RuntimeError(
-            f"{SMOLLM2_WHEEL} is installed but {gguf} is missing; reinstall the wheel."
-        )
+        raise RuntimeError(f"{SMOLLM2_WHEEL} is installed but {gguf} is missing; reinstall the wheel.")
     return gguf
 
 
@@ -117,22 +111,16 @@ def check_hardware_requirements(model_init_kwargs: dict[str, Any]) -> None:
     )
     if wants_kbit:
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise RuntimeError(
-                "8-bit/4-bit loading needs bitsandbytes: `pip install 'sftune[bnb]'`."
-            )
+            raise RuntimeError("8-bit/4-bit loading needs bitsandbytes: `pip install 'sftune[bnb]'`.")
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                "8-bit/4-bit loading needs a CUDA GPU, and none is visible on this machine."
-            )
+            raise RuntimeError("8-bit/4-bit loading needs a CUDA GPU, and none is visible on this machine.")
     if model_init_kwargs.get("attn_implementation") == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise RuntimeError(
                 "attn_implementation='flash_attention_2' needs the flash-attn package: `pip install 'sftune[flash]'`."
             )
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                "attn_implementation='flash_attention_2' needs a CUDA GPU; use 'sdpa' on this machine."
-            )
+            raise RuntimeError("attn_implementation='flash_attention_2' needs a CUDA GPU; use 'sdpa' on this machine.")
 
 
 def is_seq2seq(name_or_path: str, **config_kwargs: Any) -> bool:
@@ -140,9 +128,7 @@ def is_seq2seq(name_or_path: str, **config_kwargs: Any) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def load_model(
-    name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any] | None = None
-) -> PreTrainedModel:
+def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
     """Load a causal or seq2seq LM by name or path, with `from_pretrained` keyword arguments."""
     kwargs = normalize_model_init_kwargs(model_init_kwargs)
     # Legacy from_pretrained flags become a quantization config, as transformers now wants.
@@ -154,20 +140,12 @@ def load_model(
             load_in_4bit=bool(kwargs.pop("load_in_4bit", False)),
         )
     check_hardware_requirements(kwargs)
-    config_kwargs = {
-        k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs
-    }
-    auto_class = (
-        AutoModelForSeq2SeqLM
-        if is_seq2seq(str(name_or_path), **config_kwargs)
-        else AutoModelForCausalLM
-    )
+    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+    auto_class = AutoModelForSeq2SeqLM if is_seq2seq(str(name_or_path), **config_kwargs) else AutoModelForCausalLM
     return auto_class.from_pretrained(name_or_path, **kwargs)
 
 
-def load_tokenizer(
-    name_or_path: str | os.PathLike, **kwargs: Any
-) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
     return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path, **kwargs))
 
 
@@ -181,9 +159,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:
-            raise ValueError(
-                "The tokenizer has no pad, eos or unk token; add a pad token to it before training."
-            )
+            raise ValueError("The tokenizer has no pad, eos or unk token; add a pad token to it before training.")
         tok.pad_token = fallback
     return tokenizer
 
@@ -203,12 +179,8 @@ def model_name_or_path(model: Any) -> str | None:
 class ModelConfig:
     """How to load and adapt the model. Usable with `HfArgumentParser`, so every field is a command-line flag."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model id or local checkpoint path."}
-    )
-    model_revision: str = field(
-        default="main", metadata={"help": "Model revision (branch, tag or commit)."}
-    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model id or local checkpoint path."})
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
     torch_dtype: str | None = field(
         default=None,
         metadata={
@@ -216,9 +188,7 @@ class ModelConfig:
             "choices": ["auto", "bfloat16", "float16", "float32", None],
         },
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom model code from the hub."}
-    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention backend: 'sdpa', 'eager' or 'flash_attention_2'."},
@@ -238,25 +208,15 @@ class ModelConfig:
         default=None,
         metadata={"help": "Modules trained in full and saved beside the adapters."},
     )
-    lora_task_type: str = field(
-        default="CAUSAL_LM", metadata={"help": "'CAUSAL_LM' or 'SEQ_2_SEQ_LM'."}
-    )
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "'CAUSAL_LM' or 'SEQ_2_SEQ_LM'."})
     use_rslora: bool = field(
         default=False,
         metadata={"help": "Rank-stabilised LoRA scaling (alpha/sqrt(r))."},
     )
-    load_in_8bit: bool = field(
-        default=False, metadata={"help": "Load the base model in 8 bits (GPU)."}
-    )
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "Load the base model in 4 bits (GPU)."}
-    )
-    bnb_4bit_quant_type: Literal["fp4", "nf4"] = field(
-        default="nf4", metadata={"help": "4-bit quantization type."}
-    )
-    use_bnb_nested_quant: bool = field(
-        default=False, metadata={"help": "Double quantization of the 4-bit weights."}
-    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits (GPU)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (GPU)."})
+    bnb_4bit_quant_type: Literal["fp4", "nf4"] = field(default="nf4", metadata={"help": "4-bit quantization type."})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Double quantization of the 4-bit weights."})
 
     def __post_init__(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:
@@ -293,14 +253,10 @@ def get_quantization_config(model_config: ModelConfig) -> Any:
         compute_dtype = resolve_dtype(model_config.torch_dtype)
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=compute_dtype
-            if isinstance(compute_dtype, torch.dtype)
-            else torch.float32,
+            bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
             bnb_4bit_quant_type=model_config.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=model_config.use_bnb_nested_quant,
-            bnb_4bit_quant_storage=compute_dtype
-            if isinstance(compute_dtype, torch.dtype)
-            else None,
+            bnb_4bit_quant_storage=compute_dtype if isinstance(compute_dtype, torch.dtype) else None,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

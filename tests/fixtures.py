@@ -128,5 +128,3 @@ def build_tiny_t5(tokenizer_path: Path, out_dir: Path) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
-
-

@@ -17,9 +17,7 @@ IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
 
 
-def pad_rows(
-    rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None
-) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
     """Right-pad lists of ints into one (batch, longest) tensor."""
     longest = max(len(row) for row in rows)
     if multiple_of:
@@ -34,9 +32,7 @@ def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch
     """A (batch, 1, width, width) boolean mask: causal inside each document, nothing across documents or padding."""
     doc_ids = torch.full((len(seq_lengths), width), -1, dtype=torch.long)
     for i, lengths in enumerate(seq_lengths):
-        doc_ids[i, : sum(lengths)] = torch.repeat_interleave(
-            torch.arange(len(lengths)), torch.as_tensor(list(lengths))
-        )
+        doc_ids[i, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(list(lengths)))
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = same_doc & causal & (doc_ids[:, :, None] >= 0)
@@ -83,9 +79,7 @@ class DataCollatorForSFT:
         for i, (row, mask) in enumerate(zip(ids, masks, strict=True)):
             row_labels = torch.as_tensor(row, dtype=torch.long)
             if mask is not None:
-                row_labels = row_labels.masked_fill(
-                    torch.as_tensor(mask) == 0, IGNORE_INDEX
-                )
+                row_labels = row_labels.masked_fill(torch.as_tensor(mask) == 0, IGNORE_INDEX)
             labels[i, : len(row)] = row_labels
         batch = {
             "input_ids": input_ids,
@@ -93,9 +87,7 @@ class DataCollatorForSFT:
             "num_tokens": torch.tensor(sum(len(r) for r in ids)),
         }
         if any("seq_lengths" in f for f in features):
-            seq_lengths = [
-                f.get("seq_lengths") or [len(f["input_ids"])] for f in features
-            ]
+            seq_lengths = [f.get("seq_lengths") or [len(f["input_ids"])] for f in features]
             # The first token of a packed document must not be predicted from the previous document.
             for i, lengths in enumerate(seq_lengths):
                 starts = torch.as_tensor(list(lengths)).cumsum(0)[:-1]
@@ -139,28 +131,20 @@ class DataCollatorForCompletionOnlyLM:
         if tokenizer is None and args:
             tokenizer, *args = args
         if tokenizer is None:
-            raise ValueError(
-                "DataCollatorForCompletionOnlyLM needs the tokenizer: pass tokenizer=..."
-            )
+            raise ValueError("DataCollatorForCompletionOnlyLM needs the tokenizer: pass tokenizer=...")
         if mlm:
-            raise ValueError(
-                "DataCollatorForCompletionOnlyLM is for causal language modelling; mlm must be False."
-            )
+            raise ValueError("DataCollatorForCompletionOnlyLM is for causal language modelling; mlm must be False.")
         self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
         self.response_candidates = template_candidates(response_template, tokenizer)
         self.instruction_candidates = (
-            template_candidates(instruction_template, tokenizer)
-            if instruction_template is not None
-            else None
+            template_candidates(instruction_template, tokenizer) if instruction_template is not None else None
         )
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
         if tokenizer.pad_token_id is None:
-            raise ValueError(
-                "The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)."
-            )
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token).")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(f["input_ids"]) for f in features]
@@ -192,9 +176,7 @@ class DataCollatorForCompletionOnlyLM:
             spans.append((begin, end))
         return spans
 
-    def _warn_missing(
-        self, which: str, template: Any, row: list[int], index: int
-    ) -> None:
+    def _warn_missing(self, which: str, template: Any, row: list[int], index: int) -> None:
         preview = self.tokenizer.decode(row[:60])
         warnings.warn(
             f"Could not find the {which} template {template!r} in batch row {index} (starts with {preview!r}). "

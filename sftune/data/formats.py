@@ -26,9 +26,7 @@ class DatasetFormatError(ValueError):
     """A row of the dataset cannot be used; the message names the row, the column and the fix."""
 
 
-def detect_format(
-    column_names: Sequence[str], text_field: str | None, has_formatting_func: bool
-) -> str:
+def detect_format(column_names: Sequence[str], text_field: str | None, has_formatting_func: bool) -> str:
     """Which format a dataset with these columns is in."""
     columns = set(column_names)
     if has_formatting_func:
@@ -49,15 +47,11 @@ def detect_format(
     )
 
 
-def formatting_func_is_batched(
-    formatting_func: Callable, first_example: dict[str, Any]
-) -> bool:
+def formatting_func_is_batched(formatting_func: Callable, first_example: dict[str, Any]) -> bool:
     """Tell the two documented shapes apart: per example (returns a str) or batched (returns a list of str)."""
     try:
         out = formatting_func(first_example)
-    except (
-        Exception
-    ):  # a batched function indexing into a single example's values can raise
+    except Exception:  # a batched function indexing into a single example's values can raise
         out = None
     if isinstance(out, str):
         return False
@@ -83,9 +77,7 @@ def text_segments(text: Any, row: int, column: str) -> Segments:
             "Convert the column to text or pass a formatting_func."
         )
     if not text:
-        raise DatasetFormatError(
-            f"Row {row}, column '{column}' is empty. Remove empty rows from the dataset."
-        )
+        raise DatasetFormatError(f"Row {row}, column '{column}' is empty. Remove empty rows from the dataset.")
     return [(text, True)]
 
 
@@ -95,16 +87,12 @@ def prompt_completion_segments(
     """Loss-eligible completion after a prompt; both strings, or both lists of chat messages."""
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
-            raise DatasetFormatError(
-                f"Row {row}, column 'completion' is empty. Remove rows without a completion."
-            )
+            raise DatasetFormatError(f"Row {row}, column 'completion' is empty. Remove rows without a completion.")
         return [(prompt, False), (completion, True)]
     if isinstance(prompt, list) and isinstance(completion, list):
         validate_messages(prompt, row, "prompt")
         validate_messages(completion, row, "completion")
-        prompt_text = render_chat(
-            tokenizer, prompt, row, add_generation_prompt=True, tools=tools
-        )
+        prompt_text = render_chat(tokenizer, prompt, row, add_generation_prompt=True, tools=tools)
         full = render_chat(tokenizer, prompt + completion, row, tools=tools)
         if not full.startswith(prompt_text):
             raise DatasetFormatError(
@@ -119,9 +107,7 @@ def prompt_completion_segments(
     )
 
 
-def conversation_segments(
-    messages: Any, row: int, tokenizer: Any, tools: list | None = None
-) -> Segments:
+def conversation_segments(messages: Any, row: int, tokenizer: Any, tools: list | None = None) -> Segments:
     """Render a conversation and mark each assistant turn (its content and end-of-turn text) loss-eligible.
 
     Each assistant span runs from the end of the conversation-so-far rendered with the generation prompt to the end
@@ -135,19 +121,9 @@ def conversation_segments(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = (
-            render_chat(
-                tokenizer, messages[:i], row, add_generation_prompt=True, tools=tools
-            )
-            if i
-            else ""
-        )
+        before = render_chat(tokenizer, messages[:i], row, add_generation_prompt=True, tools=tools) if i else ""
         through = render_chat(tokenizer, messages[: i + 1], row, tools=tools)
-        if not (
-            full.startswith(before)
-            and full.startswith(through)
-            and cursor <= len(before) <= len(through)
-        ):
+        if not (full.startswith(before) and full.startswith(through) and cursor <= len(before) <= len(through)):
             raise DatasetFormatError(
                 f"Row {row}, column 'messages': the chat template does not render turn {i} as a prefix of the whole "
                 "conversation (templates that rewrite earlier turns, e.g. dropping past reasoning, do this), so "

@@ -21,9 +21,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.max() > capacity:
-        raise ValueError(
-            f"An item of length {int(lengths.max())} does not fit in bins of {capacity}."
-        )
+        raise ValueError(f"An item of length {int(lengths.max())} does not fit in bins of {capacity}.")
     bins_by_space: list[list[int]] = [[] for _ in range(capacity + 1)]
     has_space = np.zeros(capacity + 1, dtype=bool)
     bins: list[list[int]] = []
@@ -45,9 +43,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_dataset(
-    dataset: Any, max_length: int, strategy: str = "bfd", seed: int = 0
-) -> Any:
+def pack_dataset(dataset: Any, max_length: int, strategy: str = "bfd", seed: int = 0) -> Any:
     """Pack a prepared dataset (`input_ids`, `loss_mask`) into rows of at most `max_length` tokens.
 
     "bfd": whole examples in best-fit-decreasing bins. "wrapped": examples concatenated in order and cut every
@@ -65,17 +61,11 @@ def pack_dataset(
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
     if strategy == "bfd":
         bins = best_fit_decreasing(lengths, max_length)
-        order = np.fromiter(
-            (i for b in bins for i in b), dtype=np.int64, count=len(lengths)
-        )
-        items_per_bin = np.fromiter(
-            (len(b) for b in bins), dtype=np.int64, count=len(bins)
-        )
+        order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
+        items_per_bin = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
         packed_ids = _regroup(ids.take(order), items_per_bin)
         packed_masks = _regroup(masks.take(order), items_per_bin)
-        seq_lengths = pa.ListArray.from_arrays(
-            _offsets(items_per_bin), pa.array(lengths[order])
-        )
+        seq_lengths = pa.ListArray.from_arrays(_offsets(items_per_bin), pa.array(lengths[order]))
     elif strategy == "wrapped":
         flat_ids, flat_masks = ids.flatten(), masks.flatten()
         total = len(flat_ids)
@@ -85,18 +75,12 @@ def pack_dataset(
         packed_masks = pa.ListArray.from_arrays(row_offsets, flat_masks)
         seq_lengths = pa.array(_wrapped_seq_lengths(lengths, max_length, total))
     else:
-        raise ValueError(
-            f"Unknown packing strategy {strategy!r}; use 'bfd' or 'wrapped'."
-        )
-    packed = pa.table(
-        {"input_ids": packed_ids, "loss_mask": packed_masks, "seq_lengths": seq_lengths}
-    )
+        raise ValueError(f"Unknown packing strategy {strategy!r}; use 'bfd' or 'wrapped'.")
+    packed = pa.table({"input_ids": packed_ids, "loss_mask": packed_masks, "seq_lengths": seq_lengths})
     return Dataset(packed)
 
 
-def pack_iterable(
-    dataset: Any, max_length: int, strategy: str = "bfd", buffer_size: int = 1000
-) -> Any:
+def pack_iterable(dataset: Any, max_length: int, strategy: str = "bfd", buffer_size: int = 1000) -> Any:
     """Pack a streaming dataset: best-fit-decreasing over a buffer of `buffer_size` examples at a time."""
     from datasets import Dataset, IterableDataset
 
@@ -125,26 +109,14 @@ def _offsets(counts: np.ndarray) -> pa.Array:
 def _regroup(items: pa.ListArray, items_per_bin: np.ndarray) -> pa.ListArray:
     """Concatenate consecutive runs of `items_per_bin` lists into one list each."""
     item_lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
-    tokens_per_bin = (
-        np.add.reduceat(item_lengths, _offsets(items_per_bin).to_numpy()[:-1])
-        if len(items)
-        else []
-    )
-    return pa.ListArray.from_arrays(
-        _offsets(np.asarray(tokens_per_bin)), items.flatten()
-    )
+    tokens_per_bin = np.add.reduceat(item_lengths, _offsets(items_per_bin).to_numpy()[:-1]) if len(items) else []
+    return pa.ListArray.from_arrays(_offsets(np.asarray(tokens_per_bin)), items.flatten())
 
 
-def _wrapped_seq_lengths(
-    lengths: np.ndarray, max_length: int, total: int
-) -> list[list[int]]:
+def _wrapped_seq_lengths(lengths: np.ndarray, max_length: int, total: int) -> list[list[int]]:
     """Document pieces inside each fixed-size block of the concatenated stream."""
-    boundaries = np.union1d(
-        np.cumsum(lengths)[:-1], np.arange(max_length, total, max_length)
-    )
+    boundaries = np.union1d(np.cumsum(lengths)[:-1], np.arange(max_length, total, max_length))
     edges = np.concatenate([[0], boundaries, [total]])
     pieces = np.diff(edges)
     block_of_piece = edges[:-1] // max_length
-    return [
-        pieces[block_of_piece == b].tolist() for b in range(-(-total // max_length))
-    ]
+    return [pieces[block_of_piece == b].tolist() for b in range(-(-total // max_length))]

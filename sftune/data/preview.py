@@ -11,9 +11,7 @@ from .tokenize import TokenizeOptions, prepare_dataset
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
-def render_row(
-    tokenizer: Any, input_ids: list[int], loss_mask: list[int], color: bool
-) -> str:
+def render_row(tokenizer: Any, input_ids: list[int], loss_mask: list[int], color: bool) -> str:
     """The row's text, token by token; trained tokens green (or inside [[ ]] without colour)."""
     out = []
     previous = None
@@ -47,9 +45,7 @@ def preview_rows(
     recipe = yaml.safe_load(Path(config).read_text()) if config else {}
     tokenizer = load_tokenizer(model)
     options = TokenizeOptions(
-        max_length=recipe.get("max_length")
-        or recipe.get("max_seq_length")
-        or min(tokenizer.model_max_length, 1024),
+        max_length=recipe.get("max_length") or recipe.get("max_seq_length") or min(tokenizer.model_max_length, 1024),
         text_field=recipe.get("dataset_text_field", "text"),
         completion_only_loss=recipe.get("completion_only_loss"),
         assistant_only_loss=bool(recipe.get("assistant_only_loss", False)),

@@ -58,17 +58,13 @@ def row_segments(
         return formats.text_segments(value, row, column), True
     tools = example.get("tools")
     if fmt == formats.MESSAGES:
-        segments = formats.conversation_segments(
-            example["messages"], row, tokenizer, tools=tools
-        )
+        segments = formats.conversation_segments(example["messages"], row, tokenizer, tools=tools)
         if not options.assistant_only_loss:
             segments = [(piece, True) for piece, _ in segments]
         return segments, False
     if fmt == formats.PROMPT_COMPLETION:
         prompt, completion = example["prompt"], example["completion"]
-        segments = formats.prompt_completion_segments(
-            prompt, completion, row, tokenizer, tools=tools
-        )
+        segments = formats.prompt_completion_segments(prompt, completion, row, tokenizer, tools=tools)
         if options.completion_only_loss is False:
             segments = [(piece, True) for piece, _ in segments]
         return segments, isinstance(prompt, str)
@@ -84,9 +80,7 @@ def tokenize_rows(
     """Tokenize the segments of many rows in one tokenizer call; return `input_ids` and `loss_mask` per row."""
     flat = [piece for segments, _ in rows for piece, _ in segments]
     pieces = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    prefix, suffix = (
-        special_tokens_around(tokenizer) if options.add_special_tokens else ([], [])
-    )
+    prefix, suffix = special_tokens_around(tokenizer) if options.add_special_tokens else ([], [])
     eos = tokenizer.eos_token_id
     all_ids, all_masks = [], []
     cursor = 0
@@ -113,24 +107,14 @@ def tokenize_rows(
     return {"input_ids": all_ids, "loss_mask": all_masks}
 
 
-def truncate(
-    ids: list[int], mask: list[int], options: TokenizeOptions, row: int
-) -> tuple[list[int], list[int]]:
+def truncate(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> tuple[list[int], list[int]]:
     limit = options.max_length
     if limit is None or len(ids) <= limit:
         return ids, mask
-    kept = (
-        slice(None, limit)
-        if options.truncation_mode == "keep_start"
-        else slice(len(ids) - limit, None)
-    )
+    kept = slice(None, limit) if options.truncation_mode == "keep_start" else slice(len(ids) - limit, None)
     kept_mask = mask[kept]
     if any(mask) and not any(kept_mask):
-        prompt_tokens = (
-            mask.index(1)
-            if options.truncation_mode == "keep_start"
-            else len(ids) - limit
-        )
+        prompt_tokens = mask.index(1) if options.truncation_mode == "keep_start" else len(ids) - limit
         raise DatasetFormatError(
             f"Row {row}: the prompt alone is {prompt_tokens} tokens, so nothing it trains on fits in max_length="
             f"{limit}. Raise max_length (max_seq_length), shorten the prompt, or drop the row "
@@ -203,13 +187,9 @@ def prepare_dataset(
 
     is_map_style = isinstance(dataset, Dataset)
     if is_map_style and len(dataset) == 0:
-        raise DatasetFormatError(
-            f"The {name} dataset is empty; give it at least one row."
-        )
+        raise DatasetFormatError(f"The {name} dataset is empty; give it at least one row.")
     columns = list(dataset.column_names or next(iter(dataset)).keys())
-    fmt = formats.detect_format(
-        columns, options.text_field, formatting_func is not None
-    )
+    fmt = formats.detect_format(columns, options.text_field, formatting_func is not None)
     if fmt == formats.TOKENIZED:
         function = pretokenized_function(options)
     else:
@@ -217,9 +197,7 @@ def prepare_dataset(
         if formatting_func is not None:
             first = dataset[0] if is_map_style else next(iter(dataset))
             batched_func = formats.formatting_func_is_batched(formatting_func, first)
-        function = make_tokenize_function(
-            fmt, tokenizer, options, formatting_func, batched_func
-        )
+        function = make_tokenize_function(fmt, tokenizer, options, formatting_func, batched_func)
     map_kwargs: dict[str, Any] = {
         "batched": True,
         "batch_size": batch_size,

@@ -55,8 +55,7 @@ def write_model_card(output_dir: Path, trainer: Any) -> Path:
         epochs=args.num_train_epochs if args.max_steps <= 0 else "-",
         batch_size=args.per_device_train_batch_size,
         grad_accum=args.gradient_accumulation_steps,
-        max_len=getattr(args, "max_seq_length", None)
-        or getattr(args, "max_length", "-"),
+        max_len=getattr(args, "max_seq_length", None) or getattr(args, "max_length", "-"),
         packing=getattr(args, "packing", False),
         steps=trainer.state.global_step,
         path=output_dir,

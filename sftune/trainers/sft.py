@@ -78,9 +78,7 @@ class SFTTrainer(Trainer):
     ) -> None:
         args = _as_sft_config(args, model, legacy_kwargs)
         if model is None and model_init is None:
-            raise ValueError(
-                "SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path."
-            )
+            raise ValueError("SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path.")
         if isinstance(model, (str, os.PathLike)):
             model_id = str(model)
             model = load_model(model_id, args.model_init_kwargs)
@@ -91,29 +89,17 @@ class SFTTrainer(Trainer):
                     "model_init_kwargs only apply when the model is given by name or path, but a model instance "
                     "was passed. Load the model with those arguments yourself, or pass its name instead."
                 )
-        if (
-            tokenizer is not None
-            and processing_class is not None
-            and tokenizer is not processing_class
-        ):
-            raise ValueError(
-                "Pass the tokenizer as `processing_class` or `tokenizer`, not both."
-            )
-        processing_class = (
-            processing_class if processing_class is not None else tokenizer
-        )
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
+        processing_class = processing_class if processing_class is not None else tokenizer
         if processing_class is None:
             if model_id is None:
-                raise ValueError(
-                    "Cannot tell which tokenizer to load: pass processing_class=tokenizer."
-                )
+                raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
             processing_class = load_tokenizer(model_id)
         ensure_pad_token(processing_class)
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.max_seq_length is None:
-            args.max_seq_length = args.max_length = min(
-                text_tokenizer.model_max_length, DEFAULT_MAX_SEQ_LENGTH_CAP
-            )
+            args.max_seq_length = args.max_length = min(text_tokenizer.model_max_length, DEFAULT_MAX_SEQ_LENGTH_CAP)
 
         if model is not None:
             model = _prepare_peft_model(model, peft_config, args)
@@ -129,9 +115,7 @@ class SFTTrainer(Trainer):
                 args.packing,
                 "train",
             )
-            eval_packing = (
-                args.packing if args.eval_packing is None else args.eval_packing
-            )
+            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
                     name: self._prepare(
@@ -194,9 +178,7 @@ class SFTTrainer(Trainer):
         if dataset is None:
             return None
         options = TokenizeOptions(
-            max_length=None
-            if packing and args.packing_strategy == "wrapped"
-            else args.max_seq_length,
+            max_length=None if packing and args.packing_strategy == "wrapped" else args.max_seq_length,
             text_field=args.dataset_text_field,
             add_special_tokens=args.dataset_options["add_special_tokens"],
             completion_only_loss=args.completion_only_loss,
@@ -213,16 +195,12 @@ class SFTTrainer(Trainer):
             name,
         )
         if packing:
-            dataset = pack_dataset(
-                dataset, args.max_seq_length, args.packing_strategy, seed=args.seed
-            )
+            dataset = pack_dataset(dataset, args.max_seq_length, args.packing_strategy, seed=args.seed)
         return dataset
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(
-            dict.fromkeys(self._signature_columns + PREPARED_COLUMNS)
-        )
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + PREPARED_COLUMNS))
 
     # ----------------------------------------------------------------------------------------------------------
     # Loss and metrics
@@ -235,13 +213,9 @@ class SFTTrainer(Trainer):
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
         return super()._prepare_inputs(inputs)
 
-    def compute_loss(
-        self, model, inputs, return_outputs=False, num_items_in_batch=None
-    ):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record_accuracy(mode, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -277,9 +251,7 @@ class SFTTrainer(Trainer):
     # Saving
     # ----------------------------------------------------------------------------------------------------------
 
-    def save_model(
-        self, output_dir: str | None = None, _internal_call: bool = False
-    ) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
             write_model_card(Path(output_dir or self.args.output_dir), self)
@@ -299,23 +271,13 @@ def count_real_tokens(inputs: dict[str, Any]) -> int:
 def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTConfig:
     unknown = set(legacy_kwargs) - set(LEGACY_TRAINER_KWARGS)
     if unknown:
-        raise TypeError(
-            f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}."
-        )
+        raise TypeError(f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
     if args is None:
-        name = (
-            str(model).rstrip("/").split("/")[-1]
-            if isinstance(model, (str, os.PathLike))
-            else "model"
-        )
+        name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
         args = SFTConfig(output_dir=f"{name}-SFT")
     elif not isinstance(args, SFTConfig):
         fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        values = {
-            k: v
-            for k, v in args.to_dict().items()
-            if k in fields and not k.startswith("_")
-        }
+        values = {k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")}
         values = {k: getattr(args, k) for k in values}
         args = SFTConfig(**values)
     if legacy_kwargs:
@@ -350,9 +312,7 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         )
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(
-        model, "is_loaded_in_8bit", False
-    ):
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=args.gradient_checkpointing,
@@ -360,7 +320,10 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         )
     elif args.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft still calls transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -53,9 +53,7 @@ def test_packing_drops_and_duplicates_no_token(strategy):
             start = 0
             for length in packed_row["seq_lengths"]:
                 end = start + length
-                documents.append(
-                    (tuple(packed_row["input_ids"][start:end]), tuple(packed_row["loss_mask"][start:end]))
-                )
+                documents.append((tuple(packed_row["input_ids"][start:end]), tuple(packed_row["loss_mask"][start:end])))
                 start = end
         assert sorted(documents) == original
     else:
@@ -108,3 +106,25 @@ def test_mean_loss_is_the_same_packed_and_unpacked(tiny_llama_path):
     # Token-averaged: every trained token counts once either way, except each document's first token,
     # which is never predicted (no previous token of its own document).
     torch.testing.assert_close(unpacked.mean(), packed.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_constant_length_dataset_blocks(tiny_tokenizer_path):
+    from transformers import AutoTokenizer
+
+    from sftune import ConstantLengthDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    texts = [{"text": f"row {i} has some words"} for i in range(50)]
+    blocks = list(ConstantLengthDataset(tokenizer, texts, dataset_text_field="text", seq_length=16, shuffle=False,
+                                        num_of_sequences=2, chars_per_token=3.6))  # fmt: skip
+    assert blocks and all(b["input_ids"].shape == (16,) for b in blocks)
+    stream = [t for b in blocks for t in b["input_ids"].tolist()]
+    assert tokenizer.eos_token_id in stream  # examples are joined with EOS
+    expected_start = tokenizer("row 0 has some words")["input_ids"] + [tokenizer.eos_token_id]
+    assert stream[: len(expected_start)] == expected_start
+    formatted = ConstantLengthDataset(tokenizer, texts, formatting_func=lambda e: e["text"].upper(), seq_length=8,
+                                      infinite=True, num_of_sequences=1)  # fmt: skip
+    iterator = iter(formatted)
+    with pytest.warns(UserWarning, match="starting over"):
+        for _ in range(200):  # more blocks than one pass holds: the infinite option restarts
+            next(iterator)

@@ -1,0 +1,96 @@
+"""The bundled task: list transformations with exact answers, generated deterministically from a seed.
+
+"Reverse the list: fig, owl, sun" -> "sun, owl, fig". The operations need copying and reordering, not knowledge,
+so a small model can learn them in minutes; the base SmolLM2 model answers in chatty prose and scores ~0%
+exact match. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SYSTEM = "Transform the list. Reply with the list only."
+WORDS = (
+    "apple bird cake door fish goat hat ink jam kite lamp moon nest owl pen queen rain sun tree van "
+    "wolf box cup dog egg fox gum hill ice jar key leaf map net oak pig rug sock toy vase"
+).split()
+
+
+def _reverse(items: list[str]) -> list[str]:
+    return items[::-1]
+
+
+def _swap_ends(items: list[str]) -> list[str]:
+    return [items[-1], *items[1:-1], items[0]]
+
+
+def _rotate_left(items: list[str]) -> list[str]:
+    return [*items[1:], items[0]]
+
+
+OPERATIONS = {
+    "Reverse the list": _reverse,
+    "Swap the first and last items": _swap_ends,
+    "Move the first item to the end": _rotate_left,
+}
+
+
+def make_example(rng: random.Random) -> dict:
+    instruction = rng.choice(sorted(OPERATIONS))
+    items = rng.sample(WORDS, rng.randint(3, 5))
+    answer = ", ".join(OPERATIONS[instruction](items))
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"{instruction}: {', '.join(items)}"},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "answer": answer}
+
+
+def make_task_examples(n: int, seed: int) -> list[dict]:
+    """`n` examples (possibly repeating prompts) from a seeded generator."""
+    rng = random.Random(seed)
+    return [make_example(rng) for _ in range(n)]
+
+
+def make_task_splits(n_train: int = 600, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and test splits with distinct prompts (no test prompt is ever seen in training)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            example = make_example(rng)
+            prompt = example["messages"][1]["content"]
+            if prompt not in seen:
+                seen.add(prompt)
+                splits[split].append(example)
+    return splits[0], splits[1]
+
+
+def prompt_messages(example: dict) -> list[dict]:
+    """What the model is given at evaluation time: everything but the final assistant turn."""
+    return [m for m in example["messages"] if m["role"] != "assistant"]
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip()
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """Exact match after stripping surrounding whitespace; nothing looser."""
+    return normalize_answer(generated) == normalize_answer(answer)
+
+
+def write_task_jsonl(directory: str | Path, n_train: int = 600, n_test: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """Write train.jsonl and test.jsonl ({"messages": [...], "answer": ...} per line) and return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "test"), make_task_splits(n_train, n_test, seed), strict=True):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
