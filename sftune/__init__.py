@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .chat import setup_chat_format
-from .config import SFTConfig
+from .config import IterativeSFTConfig, SFTConfig
 from .data.collators import DataCollatorForCompletionOnlyLM, DataCollatorForSFT
 from .data.constant_length import ConstantLengthDataset
 from .models import (
@@ -13,12 +13,15 @@ from .models import (
     get_quantization_config,
     smollm2_path,
 )
+from .trainers.iterative import IterativeSFTTrainer
 from .trainers.sft import SFTTrainer
 
 __all__ = [
     "ConstantLengthDataset",
     "DataCollatorForCompletionOnlyLM",
     "DataCollatorForSFT",
+    "IterativeSFTConfig",
+    "IterativeSFTTrainer",
     "ModelConfig",
     "SFTConfig",
     "SFTTrainer",

@@ -158,3 +158,32 @@ def _maybe_json(value: Any, name: str) -> Any:
         except json.JSONDecodeError as err:
             raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r}.") from err
     return value
+
+
+@dataclass
+class IterativeSFTConfig(TrainingArguments):
+    """Arguments of `IterativeSFTTrainer`: every `TrainingArguments` field plus the ones below."""
+
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={"help": "'keep_end': drop tokens from the start; 'keep_start': drop tokens from the end."},
+    )
+    optimize_device_cache: bool = field(
+        default=False, metadata={"help": "Free cached accelerator memory after every step (a no-op on CPU)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+
+    def __post_init__(self) -> None:
+        self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
+        if self.truncation_mode not in ("keep_end", "keep_start"):
+            raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        super().__post_init__()

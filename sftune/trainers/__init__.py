@@ -1,3 +1,4 @@
+from .iterative import IterativeSFTTrainer
 from .sft import SFTTrainer
 
-__all__ = ["SFTTrainer"]
+__all__ = ["IterativeSFTTrainer", "SFTTrainer"]

@@ -1,0 +1,342 @@
+"""IterativeSFTTrainer: optimisation steps on data you produce between steps (generate, filter, train).
+
+Unlike the TRL version it re-implements, the learning-rate schedule works without `max_steps`, caller labels
+and `texts_labels` are honoured, `max_length` cuts tokens (not batch rows), `save_steps` saves resumable
+checkpoints, and `step()` returns its statistics.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerState, get_scheduler
+from transformers.trainer_callback import ExportableState
+
+from ..config import IterativeSFTConfig
+from ..data.collators import IGNORE_INDEX, pad_rows
+from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
+
+logger = logging.getLogger(__name__)
+
+DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr")
+
+
+class IterativeSFTTrainer(Trainer):
+    """Call `step()` with token ids or texts whenever you have new data; each call trains on it at once."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str | os.PathLike,
+        args: IterativeSFTConfig | None = None,
+        processing_class: Any = None,
+        data_collator: Callable | None = None,
+        eval_dataset: Any = None,
+        optimizers: tuple = (None, None),
+        compute_metrics: Callable | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        callbacks: list | None = None,
+    ) -> None:
+        if args is None:
+            name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
+            args = IterativeSFTConfig(output_dir=f"{name}-IterativeSFT")
+        if isinstance(model, (str, os.PathLike)):
+            model_id = str(model)
+            model = load_model(model_id, args.model_init_kwargs)
+        else:
+            model_id = model_name_or_path(model)
+            if args.model_init_kwargs:
+                raise ValueError(
+                    "model_init_kwargs only apply when the model is given by name or path; load the model with "
+                    "those arguments yourself, or pass its name instead."
+                )
+        if processing_class is None:
+            if model_id is None:
+                raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
+            processing_class = load_tokenizer(model_id)
+        ensure_pad_token(processing_class)
+        self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or self.collate,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.model_id = model_id
+        self.create_optimizer()
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self.make_scheduler()
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.lr_scheduler
+        )
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(),
+            is_world_process_zero=self.is_world_process_zero(),
+            stateful_callbacks=[
+                cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)
+            ],
+        )
+        self.state.max_steps = max(args.max_steps, 0)
+        self.state.logging_steps, self.state.eval_steps, self.state.save_steps = (
+            args.logging_steps, args.eval_steps, args.save_steps
+        )  # fmt: skip
+        self._pending: dict[str, float] = {"loss": 0.0, "steps": 0, "tokens": 0}
+        self.num_tokens = 0
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Schedule
+    # ----------------------------------------------------------------------------------------------------------
+
+    def make_scheduler(self) -> Any:
+        """The configured schedule over `max_steps`. Without `max_steps` the length of training is unknown, so the
+        rate stays constant after warmup (the reference implementation decayed over 0 steps: a rate of 0)."""
+        args = self.args
+        warmup = args.get_warmup_steps(args.max_steps) if args.max_steps > 0 else int(args.warmup_steps or 0)
+        if args.max_steps > 0:
+            return get_scheduler(args.lr_scheduler_type, self.optimizer, warmup, args.max_steps)
+        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) in DECAYING_SCHEDULES:
+            logger.info("No max_steps: the learning rate stays constant after warmup (set max_steps to decay).")
+        return get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=warmup)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ----------------------------------------------------------------------------------------------------------
+
+    def prepare_examples(
+        self,
+        input_ids: Sequence | None,
+        attention_mask: Sequence | None,
+        labels: Sequence | None,
+        texts: Sequence[str] | None,
+        texts_labels: Sequence[str] | None,
+    ) -> list[dict[str, list[int]]]:
+        """Validate the inputs of `step()` and turn them into truncated examples with labels."""
+        if (input_ids is None) == (texts is None):
+            raise ValueError("step() takes either input_ids (lists of token ids) or texts (strings), exactly one.")
+        if input_ids is not None:
+            if texts_labels is not None:
+                raise ValueError("texts_labels go with texts, not with input_ids; pass labels= for token ids.")
+            examples = self._examples_from_ids(input_ids, attention_mask, labels)
+        else:
+            if attention_mask is not None or labels is not None:
+                raise ValueError("attention_mask and labels go with input_ids; with texts, pass texts_labels.")
+            examples = self._examples_from_texts(texts, texts_labels)
+        return [self.truncate(example) for example in examples]
+
+    def _examples_from_ids(self, input_ids, attention_mask, labels) -> list[dict[str, list[int]]]:
+        _check_list("input_ids", input_ids)
+        for name, values in (("attention_mask", attention_mask), ("labels", labels)):
+            if values is not None:
+                _check_list(name, values, len(input_ids))
+        if self.is_encoder_decoder and labels is None:
+            raise ValueError("Sequence-to-sequence models need labels: pass labels= (or texts_labels with texts).")
+        examples = []
+        for i, ids in enumerate(input_ids):
+            ids = _as_int_list("input_ids", i, ids)
+            mask = (
+                _as_int_list("attention_mask", i, attention_mask[i]) if attention_mask is not None else [1] * len(ids)
+            )
+            if len(mask) != len(ids):
+                raise ValueError(f"attention_mask[{i}] has {len(mask)} entries for {len(ids)} input_ids.")
+            if labels is not None:
+                target = _as_int_list("labels", i, labels[i])
+                if not self.is_encoder_decoder and len(target) != len(ids):
+                    raise ValueError(f"labels[{i}] has {len(target)} entries for {len(ids)} input_ids.")
+            else:  # causal LM: predict the input itself, padding excluded (EOS kept, even when pad == eos)
+                target = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            examples.append({"input_ids": ids, "attention_mask": mask, "labels": target})
+        return examples
+
+    def _examples_from_texts(self, texts, texts_labels) -> list[dict[str, list[int]]]:
+        _check_list("texts", texts, item_type=str)
+        if texts_labels is not None:
+            _check_list("texts_labels", texts_labels, len(texts), item_type=str)
+        tok = self.tokenizer
+        if self.is_encoder_decoder:
+            if texts_labels is None:
+                raise ValueError("Sequence-to-sequence models need targets: pass texts_labels with texts.")
+            inputs, targets = tok(list(texts))["input_ids"], tok(list(texts_labels))["input_ids"]
+            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(inputs, targets)]
+        if texts_labels is None:
+            inputs = tok(list(texts))["input_ids"]
+            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": list(x)} for x in inputs]
+        # Causal LM with targets: the prompt text, then the target text, trained on the target only.
+        prompts = tok(list(texts))["input_ids"]
+        targets = tok(list(texts_labels), add_special_tokens=False)["input_ids"]
+        examples = []
+        for prompt, target in zip(prompts, targets, strict=True):
+            if tok.eos_token_id is not None and (not target or target[-1] != tok.eos_token_id):
+                target = [*target, tok.eos_token_id]  # teaches the model to stop after the target
+            ids = prompt + target
+            examples.append(
+                {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
+            )
+        return examples
+
+    def truncate(self, example: dict[str, list[int]]) -> dict[str, list[int]]:
+        limit = self.args.max_length
+        if limit is None:
+            return example
+        keep = slice(None, limit) if self.args.truncation_mode == "keep_start" else slice(-limit, None)
+        out = {key: values[keep] for key, values in example.items()}
+        if self.is_encoder_decoder:
+            out["labels"] = example["labels"][:limit]  # targets are read from the start
+        return out
+
+    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": pad_rows([e["input_ids"] for e in examples], self.tokenizer.pad_token_id),
+            "attention_mask": pad_rows([e["attention_mask"] for e in examples], 0),
+            "labels": pad_rows([e["labels"] for e in examples], IGNORE_INDEX),
+        }
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        input_ids: Sequence | None = None,
+        attention_mask: Sequence | None = None,
+        labels: Sequence | None = None,
+        texts: Sequence[str] | None = None,
+        texts_labels: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Train on these examples now: shuffled mini-batches of `per_device_train_batch_size`, one optimizer
+        step per `gradient_accumulation_steps` mini-batches. Returns loss, learning rate, tokens and steps."""
+        examples = self.prepare_examples(input_ids, attention_mask, labels, texts, texts_labels)
+        self.model.train()
+        args = self.args
+        order = torch.randperm(
+            len(examples), generator=torch.Generator().manual_seed(args.seed + self.state.global_step)
+        )
+        size = args.per_device_train_batch_size
+        batches = [[examples[i] for i in order[s : s + size].tolist()] for s in range(0, len(examples), size)]
+        groups = [
+            batches[g : g + args.gradient_accumulation_steps]
+            for g in range(0, len(batches), args.gradient_accumulation_steps)
+        ]
+        losses, tokens, steps = [], 0, 0
+        for group in groups:
+            targets = sum(_count_targets(e, self.is_encoder_decoder) for batch in group for e in batch)
+            group_loss = 0.0
+            for batch in group:
+                inputs = self._prepare_inputs(self.data_collator(batch))
+                outputs = self.model(**inputs)
+                # Sum over this mini-batch's target tokens divided by the whole group's: a token average over
+                # the accumulated batch, whatever the split into mini-batches.
+                share = _count_targets_tensor(inputs["labels"], self.is_encoder_decoder) / max(targets, 1)
+                loss = outputs.loss * share
+                self.accelerator.backward(loss)
+                group_loss += loss.item()
+                tokens += int(inputs["attention_mask"].sum())
+            if args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.global_step += 1
+            steps += 1
+            losses.append(group_loss)
+            self._after_optimizer_step(group_loss, tokens)
+        self.num_tokens += tokens
+        if args.optimize_device_cache:
+            free_device_cache()
+        return {
+            "loss": sum(losses) / max(len(losses), 1),
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+            "num_tokens": tokens,
+            "optimizer_steps": steps,
+            "global_step": self.state.global_step,
+        }
+
+    def _after_optimizer_step(self, loss: float, tokens: int) -> None:
+        args, step = self.args, self.state.global_step
+        self._pending["loss"] += loss
+        self._pending["steps"] += 1
+        if _every(args.logging_steps, step):
+            self.log(
+                {
+                    "loss": self._pending["loss"] / self._pending["steps"],
+                    "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                    "num_tokens": float(self.num_tokens + tokens),
+                }
+            )
+            self._pending = {"loss": 0.0, "steps": 0, "tokens": 0}
+        if self.eval_dataset is not None and str(args.eval_strategy) in ("steps", "IntervalStrategy.STEPS"):
+            if _every(args.eval_steps or args.logging_steps, step):
+                self.evaluate()
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and _every(args.save_steps, step):
+            self._save_checkpoint(self.model, trial=None)
+
+    def resume_from_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Restore weights, optimizer, schedule and step count from a checkpoint written by `save_steps`."""
+        checkpoint = str(checkpoint)
+        self._load_from_checkpoint(checkpoint, self.model)
+        self._load_optimizer_and_scheduler(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            from .model_card import write_model_card
+
+            write_model_card(Path(output_dir or self.args.output_dir), self)
+
+
+def free_device_cache() -> None:
+    """Release cached accelerator memory; nothing to do on CPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def _every(interval: float | int | None, step: int) -> bool:
+    return bool(interval) and interval >= 1 and step % math.floor(interval) == 0
+
+
+def _count_targets(example: dict[str, list[int]], encoder_decoder: bool) -> int:
+    labels = example["labels"] if encoder_decoder else example["labels"][1:]
+    return sum(1 for t in labels if t != IGNORE_INDEX)
+
+
+def _count_targets_tensor(labels: torch.Tensor, encoder_decoder: bool) -> int:
+    labels = labels if encoder_decoder else labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def _check_list(name: str, values: Any, length: int | None = None, item_type: type | None = None) -> None:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {type(values).__name__}.")
+    if not values:
+        raise ValueError(f"{name} is empty; step() needs at least one example.")
+    if length is not None and len(values) != length:
+        raise ValueError(f"{name} has {len(values)} elements but there are {length} examples; give one per example.")
+    if item_type is not None:
+        for i, value in enumerate(values):
+            if not isinstance(value, item_type):
+                raise ValueError(f"{name}[{i}] must be a {item_type.__name__}, got {type(value).__name__}.")
+
+
+def _as_int_list(name: str, index: int, value: Any) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name}[{index}] must be a 1-D tensor of token ids, got shape {tuple(value.shape)}.")
+        return value.tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise ValueError(f"{name}[{index}] must be a 1-D tensor or a list of ints, got {type(value).__name__}.")
