@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 def generate_replies(
     model: Any,
     tokenizer: Any,
-    conversations: Sequence[list[dict]],
+    conversations: Sequence[list[dict] | str],
     max_new_tokens: int = 32,
     batch_size: int = 32,
     progress: bool = True,
@@ -32,8 +32,12 @@ def generate_replies(
         batches = range(0, len(order), batch_size)
         for start in tqdm(batches, desc="Generating", disable=not progress, leave=False):
             chunk = [conversations[i] for i in order[start : start + batch_size]]
-            prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            # Chat prompts carry their own special tokens; plain-text prompts get the tokenizer's.
+            plain_text = all(isinstance(c, str) for c in chunk)
+            prompts = [c if isinstance(c, str) else tokenizer.apply_chat_template(c, tokenize=False,
+                       add_generation_prompt=True) for c in chunk]  # fmt: skip
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=plain_text)
+            inputs = inputs.to(model.device)
             outputs = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

@@ -82,24 +82,23 @@ def pack_dataset(dataset: Any, max_length: int, strategy: str = "bfd", seed: int
 
 def pack_iterable(dataset: Any, max_length: int, strategy: str = "bfd", buffer_size: int = 1000) -> Any:
     """Pack a streaming dataset: best-fit-decreasing over a buffer of `buffer_size` examples at a time."""
-    from datasets import Dataset, IterableDataset
+    from datasets import IterableDataset
 
-    def generate():
-        buffer: list[dict[str, Any]] = []
-        for example in dataset:
-            buffer.append(
-                {
-                    "input_ids": list(example["input_ids"]),
-                    "loss_mask": list(example["loss_mask"]),
-                }
-            )
-            if len(buffer) == buffer_size:
-                yield from pack_dataset(Dataset.from_list(buffer), max_length, strategy)
-                buffer = []
-        if buffer:
-            yield from pack_dataset(Dataset.from_list(buffer), max_length, strategy)
+    settings = {"max_length": max_length, "strategy": strategy, "buffer_size": buffer_size}
+    return IterableDataset.from_generator(_packed_rows, gen_kwargs={"source": dataset, "settings": settings})
 
-    return IterableDataset.from_generator(generate)
+
+def _packed_rows(source: Any, settings: dict[str, Any]) -> Any:
+    from datasets import Dataset
+
+    buffer: list[dict[str, Any]] = []
+    for example in source:
+        buffer.append({"input_ids": list(example["input_ids"]), "loss_mask": list(example["loss_mask"])})
+        if len(buffer) == settings["buffer_size"]:
+            yield from pack_dataset(Dataset.from_list(buffer), settings["max_length"], settings["strategy"])
+            buffer = []
+    if buffer:
+        yield from pack_dataset(Dataset.from_list(buffer), settings["max_length"], settings["strategy"])
 
 
 def _offsets(counts: np.ndarray) -> pa.Array:

@@ -128,3 +128,20 @@ def test_constant_length_dataset_blocks(tiny_tokenizer_path):
     with pytest.warns(UserWarning, match="starting over"):
         for _ in range(200):  # more blocks than one pass holds: the infinite option restarts
             next(iterator)
+
+
+def test_streaming_dataset_packs_over_a_bounded_buffer():
+    from datasets import IterableDataset
+
+    from sftune.data.packing import pack_iterable
+
+    rows = random_rows(50, seed=5)
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    packed = list(pack_iterable(stream, 64, buffer_size=16))
+    documents = sorted(
+        tuple(row["input_ids"][sum(row["seq_lengths"][:k]) : sum(row["seq_lengths"][: k + 1])])
+        for row in packed
+        for k in range(len(row["seq_lengths"]))
+    )
+    assert documents == sorted(tuple(r["input_ids"]) for r in rows)
+    assert all(len(row["input_ids"]) <= 64 for row in packed)

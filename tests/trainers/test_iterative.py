@@ -155,3 +155,35 @@ def test_eval_every_eval_steps(tiny_llama_path, tmp_path):
 def test_optimize_device_cache_is_a_cpu_no_op(tiny_llama_path, tmp_path):
     trainer = IterativeSFTTrainer(str(tiny_llama_path), args=config(tmp_path, optimize_device_cache=True))
     assert trainer.step(texts=["a b c"])["global_step"] == 1
+
+
+def test_generate_filter_train_trains_on_accepted_replies_only(trainer):
+    from sftune.generate_filter_train import generate_filter_train, training_example
+
+    prompts = [[{"role": "user", "content": f"Say {w}."}] for w in ["red", "blue", "green"]]
+    seen, steps = [], []
+    original_step = trainer.step
+
+    def recording_step(**kwargs):
+        steps.append(kwargs)
+        return original_step(**kwargs)
+
+    trainer.step = recording_step
+
+    def accept(index, reply):
+        seen.append((index, reply))
+        return index != 1  # never accept anything for prompt 1
+
+    results = generate_filter_train(trainer, prompts, accept, rounds=2, samples_per_prompt=3, max_new_tokens=4,
+                                    evaluate=lambda model: 0.5)  # fmt: skip
+    assert [r.round for r in results] == [0, 1, 2] and results[0].metric == 0.5
+    assert all(r.generated == 9 for r in results[1:])
+    assert len(seen) >= 6
+    for result, kwargs in zip(results[1:], steps, strict=True):
+        assert result.accepted == len(kwargs["input_ids"]) <= 2  # at most one reply per accepted prompt
+        assert result.train_loss is not None
+    # The reply (and EOS) is trained; the prompt is not.
+    ids, labels = training_example(trainer.tokenizer, prompts[0], "red red")
+    trained = [t for t in labels if t != -100]
+    assert trainer.tokenizer.decode(trained) == "red red" + trainer.tokenizer.eos_token
+    assert len(ids) == len(labels)

@@ -174,3 +174,42 @@ def test_use_liger_without_the_package_warns_and_trains(tiny_llama_path, tmp_pat
         trainer = SFTTrainer(str(tiny_llama_path), args=config(tmp_path, use_liger=True),
                              train_dataset=Dataset.from_list(MESSAGES))  # fmt: skip
     trainer.train()
+
+
+def test_packing_epoch_visits_every_example_exactly_once_with_masks_kept(tiny_llama_path, tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w} {i}."}, {"role": "assistant", "content": f"{w} {i}"}]}
+        for i, w in enumerate(["red", "blue", "green", "amber", "violet", "teal", "gold", "pink"] * 3)
+    ]
+    args = config(tmp_path, packing=True, max_seq_length=64, max_steps=-1, num_train_epochs=2,
+                  per_device_train_batch_size=2, assistant_only_loss=True)  # fmt: skip
+    unpacked = SFTTrainer(str(tiny_llama_path), args=config(tmp_path, assistant_only_loss=True),
+                          train_dataset=Dataset.from_list(rows)).train_dataset  # fmt: skip
+    trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows))
+    assert len(trainer.train_dataset) < len(rows)  # several examples per row
+    seen = []
+    collate = trainer.data_collator
+
+    def recording(features):
+        for f in features:
+            start = 0
+            for length in f["seq_lengths"]:
+                seen.append(
+                    (tuple(f["input_ids"][start : start + length]), tuple(f["loss_mask"][start : start + length]))
+                )
+                start += length
+        return collate(features)
+
+    trainer.data_collator = recording
+    trainer.train()
+    expected = sorted((tuple(r["input_ids"]), tuple(r["loss_mask"])) for r in unpacked)
+    assert sorted(seen) == sorted(expected * 2)  # two epochs, each example once per epoch, masks intact
+    assert trainer.state.global_step == 2 * -(-len(trainer.train_dataset) // 2)
+
+
+def test_packing_truncates_over_long_examples_to_max_length(tiny_llama_plain_path, tmp_path):
+    rows = [{"text": " ".join(f"w{i}" for i in range(300))}, {"text": "short one"}]
+    args = config(tmp_path, packing=True, max_seq_length=32)
+    trainer = SFTTrainer(str(tiny_llama_plain_path), args=args, train_dataset=Dataset.from_list(rows))
+    lengths = sorted(length for row in trainer.train_dataset for length in row["seq_lengths"])
+    assert lengths[-1] == 32 and len(lengths) == 2  # cut to max_length (kept from the start), never dropped
