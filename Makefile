@@ -6,7 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 # pip on these machines lists local wheel folders it cannot use; hide that noise, keep real errors.
-QUIET  := grep -v "^WARNING: Location 'file://" || true
+# The braces matter: `pip | grep -v ... || true` would also swallow a failing pip (pipefail is on).
+QUIET  := { grep -v "^WARNING: Location 'file://" || true; }
 
 help:
 	@echo "make demo    fine-tune SmolLM2-135M-Instruct on the bundled task and show it improved"

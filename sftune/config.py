@@ -111,6 +111,13 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata={"help": "Train only on the assistant turns of conversational data."},
     )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
+            "(0: the model's own loss over full logits)."
+        },
+    )
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
@@ -125,6 +132,8 @@ class SFTConfig(TrainingArguments):
         if self.max_seq_length is None:
             self.max_seq_length = self.max_length
         self.max_length = self.max_seq_length
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0 turns chunking off), got {self.loss_chunk_size}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if self.truncation_mode not in ("keep_start", "keep_end"):

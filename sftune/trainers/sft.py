@@ -19,6 +19,7 @@ from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
+from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
 from .model_card import write_model_card
 
@@ -215,9 +216,34 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        if not return_outputs and self._can_chunk_loss(model, inputs):
+            return self._chunked_loss(model, inputs, num_items_in_batch, mode)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record_accuracy(mode, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _can_chunk_loss(self, model: Any, inputs: dict[str, Any]) -> bool:
+        # Bypassing the wrapper's forward is only safe when nothing (DDP, FSDP, ...) wraps the model.
+        return (
+            self.args.loss_chunk_size > 0
+            and "labels" in inputs
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+            and model is self.accelerator.unwrap_model(model)
+            and supports_chunked_loss(model)
+        )
+
+    def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any, mode: str) -> torch.Tensor:
+        body, head = body_and_head(model)
+        labels = inputs["labels"]
+        hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+        # Normalised by the accumulated batch's token count only where the Trainer then skips dividing by the
+        # accumulation steps (as it does for models that take num_items_in_batch themselves).
+        denominator = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, count, correct = chunked_cross_entropy(hidden, head, labels, denominator, self.args.loss_chunk_size)
+        if count > 0:
+            self._metrics[mode]["mean_token_accuracy"].append(correct.item() / count.item())
+        return loss
 
     @torch.no_grad()
     def _record_accuracy(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
