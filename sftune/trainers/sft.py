@@ -21,6 +21,7 @@ from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
+from ..throughput import ThroughputMeter, count_parameters
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -271,7 +272,14 @@ class SFTTrainer(Trainer):
             if values:
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics[mode] = defaultdict(list)
+        if mode == "train" and "loss" in logs:
+            logs.update(self._throughput.measure(self._num_tokens["train"]))
         super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._throughput = ThroughputMeter(count_parameters(self.model), self.args.device.type)
+        self._throughput.last_tokens = self._num_tokens["train"]
+        return super().train(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Saving

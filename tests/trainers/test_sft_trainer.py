@@ -213,3 +213,10 @@ def test_packing_truncates_over_long_examples_to_max_length(tiny_llama_plain_pat
     trainer = SFTTrainer(str(tiny_llama_plain_path), args=args, train_dataset=Dataset.from_list(rows))
     lengths = sorted(length for row in trainer.train_dataset for length in row["seq_lengths"])
     assert lengths[-1] == 32 and len(lengths) == 2  # cut to max_length (kept from the start), never dropped
+
+
+def test_throughput_and_mfu_are_logged(tiny_llama_path, tmp_path):
+    trainer = SFTTrainer(str(tiny_llama_path), args=config(tmp_path), train_dataset=Dataset.from_list(MESSAGES))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logged)

@@ -1,0 +1,64 @@
+"""Throughput and model FLOPs utilisation (MFU): how close training runs to the machine's limit."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                  "V100": 125e12, "T4": 65e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # fmt: skip
+
+
+@functools.cache
+def peak_flops(device_type: str = "cpu") -> float:
+    """The machine's peak FLOP/s: a table for known GPUs, else a measured large matmul (CPU, unknown GPU)."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return measured_matmul_flops(device_type)
+
+
+def measured_matmul_flops(device_type: str = "cpu", size: int = 1024, repeats: int = 8) -> float:
+    device = torch.device(device_type)
+    dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+class ThroughputMeter:
+    """Tokens/s and MFU between two calls of `measure`."""
+
+    def __init__(self, num_parameters: int, device_type: str = "cpu") -> None:
+        self.num_parameters = num_parameters
+        self.device_type = device_type
+        self.last_time = time.perf_counter()
+        self.last_tokens = 0
+
+    def measure(self, total_tokens: int) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds, tokens = now - self.last_time, total_tokens - self.last_tokens
+        self.last_time, self.last_tokens = now, total_tokens
+        if seconds <= 0 or tokens <= 0:
+            return {}
+        tokens_per_second = tokens / seconds
+        mfu = 6 * self.num_parameters * tokens_per_second / peak_flops(self.device_type)
+        return {"tokens_per_second": round(tokens_per_second, 1), "mfu": round(mfu, 4)}
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
