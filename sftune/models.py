@@ -164,6 +164,32 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     return tokenizer
 
 
+def resolve_model(model: Any, model_init_kwargs: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """A trainer's `model` argument as (model instance, the id or path it came from)."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(str(model), model_init_kwargs), str(model)
+    if model_init_kwargs:
+        raise ValueError(
+            "model_init_kwargs only apply when the model is given by name or path, but a model instance was "
+            "passed. Load the model with those arguments yourself, or pass its name instead."
+        )
+    return model, model_name_or_path(model) if model is not None else None
+
+
+def resolve_processing_class(processing_class: Any, model_id: str | None) -> Any:
+    """The given tokenizer/processor, else the one saved with the model; with a pad token either way."""
+    if processing_class is None:
+        if model_id is None:
+            raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
+        processing_class = AutoTokenizer.from_pretrained(model_id)
+    return ensure_pad_token(processing_class)
+
+
+def default_output_dir(model: Any, suffix: str) -> str:
+    name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
+    return f"{name}-{suffix}"
+
+
 def model_name_or_path(model: Any) -> str | None:
     """The checkpoint a model instance was loaded from, if known."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..config import IterativeSFTConfig
 from ..data.collators import IGNORE_INDEX, pad_rows
-from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
+from ..models import default_output_dir, resolve_model, resolve_processing_class
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +43,9 @@ class IterativeSFTTrainer(Trainer):
         preprocess_logits_for_metrics: Callable | None = None,
         callbacks: list | None = None,
     ) -> None:
-        if args is None:
-            name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
-            args = IterativeSFTConfig(output_dir=f"{name}-IterativeSFT")
-        if isinstance(model, (str, os.PathLike)):
-            model_id = str(model)
-            model = load_model(model_id, args.model_init_kwargs)
-        else:
-            model_id = model_name_or_path(model)
-            if args.model_init_kwargs:
-                raise ValueError(
-                    "model_init_kwargs only apply when the model is given by name or path; load the model with "
-                    "those arguments yourself, or pass its name instead."
-                )
-        if processing_class is None:
-            if model_id is None:
-                raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
-            processing_class = load_tokenizer(model_id)
-        ensure_pad_token(processing_class)
+        args = args if args is not None else IterativeSFTConfig(output_dir=default_output_dir(model, "IterativeSFT"))
+        model, model_id = resolve_model(model, args.model_init_kwargs)
+        processing_class = resolve_processing_class(processing_class, model_id)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         super().__init__(

@@ -20,7 +20,7 @@ from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
-from ..models import ensure_pad_token, load_model, load_tokenizer, model_name_or_path
+from ..models import default_output_dir, resolve_model, resolve_processing_class
 from ..throughput import ThroughputMeter, count_parameters
 from .model_card import write_model_card
 
@@ -81,24 +81,12 @@ class SFTTrainer(Trainer):
         args = _as_sft_config(args, model, legacy_kwargs)
         if model is None and model_init is None:
             raise ValueError("SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path.")
-        if isinstance(model, (str, os.PathLike)):
-            model_id = str(model)
-            model = load_model(model_id, args.model_init_kwargs)
-        else:
-            model_id = model_name_or_path(model) if model is not None else None
-            if args.model_init_kwargs:
-                raise ValueError(
-                    "model_init_kwargs only apply when the model is given by name or path, but a model instance "
-                    "was passed. Load the model with those arguments yourself, or pass its name instead."
-                )
+        model, model_id = resolve_model(model, args.model_init_kwargs)
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
-        processing_class = processing_class if processing_class is not None else tokenizer
-        if processing_class is None:
-            if model_id is None:
-                raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
-            processing_class = load_tokenizer(model_id)
-        ensure_pad_token(processing_class)
+        processing_class = resolve_processing_class(
+            processing_class if processing_class is not None else tokenizer, model_id
+        )
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.max_seq_length is None:
             args.max_seq_length = args.max_length = min(text_tokenizer.model_max_length, DEFAULT_MAX_SEQ_LENGTH_CAP)
@@ -307,8 +295,7 @@ def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTC
     if unknown:
         raise TypeError(f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
     if args is None:
-        name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
-        args = SFTConfig(output_dir=f"{name}-SFT")
+        args = SFTConfig(output_dir=default_output_dir(model, "SFT"))
     elif not isinstance(args, SFTConfig):
         fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         values = {k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")}
