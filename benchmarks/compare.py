@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--impl", choices=["sftune", "trl"])
     parser.add_argument("--config", choices=CONFIGS, default="no_packing")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--examples", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     args = parser.parse_args()

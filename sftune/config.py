@@ -111,6 +111,13 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata={"help": "Train only on the assistant turns of conversational data."},
     )
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Place each unpacked batch's examples in as few rows as fit its longest one instead of padding "
+            "every row (exact on every attention backend: examples never attend to each other)."
+        },
+    )
     loss_chunk_size: int = field(
         default=1024,
         metadata={

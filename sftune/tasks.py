@@ -38,6 +38,7 @@ OPERATIONS = {
 
 
 def make_example(rng: random.Random) -> dict:
+    """One example: a random operation applied to 3-5 distinct words drawn with `rng`."""
     instruction = rng.choice(sorted(OPERATIONS))
     items = rng.sample(WORDS, rng.randint(3, 5))
     answer = ", ".join(OPERATIONS[instruction](items))
@@ -55,8 +56,12 @@ def make_task_examples(n: int, seed: int) -> list[dict]:
     return [make_example(rng) for _ in range(n)]
 
 
-def make_task_splits(n_train: int = 600, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train and test splits with distinct prompts (no test prompt is ever seen in training)."""
+def make_task_splits(n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and test splits with distinct prompts: no test prompt is ever seen in training.
+
+    The test split is drawn first, so it does not depend on `n_train`; every prompt is checked against all
+    prompts drawn before it (test and train), so neither split repeats a prompt either.
+    """
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: list[list[dict]] = [[], []]
@@ -76,6 +81,7 @@ def prompt_messages(example: dict) -> list[dict]:
 
 
 def normalize_answer(text: str) -> str:
+    """The text with surrounding whitespace removed (the only normalisation exact match allows)."""
     return text.strip()
 
 
@@ -84,7 +90,7 @@ def is_correct(generated: str, answer: str) -> bool:
     return normalize_answer(generated) == normalize_answer(answer)
 
 
-def write_task_jsonl(directory: str | Path, n_train: int = 600, n_test: int = 100, seed: int = 0) -> tuple[Path, Path]:
+def write_task_jsonl(directory: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[Path, Path]:
     """Write train.jsonl and test.jsonl ({"messages": [...], "answer": ...} per line) and return their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

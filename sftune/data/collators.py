@@ -10,7 +10,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+from .packing import best_fit_decreasing
 
 IGNORE_INDEX = -100
 
@@ -54,6 +57,10 @@ class DataCollatorForSFT:
     Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
     attention never crosses one: a block-diagonal mask for SDPA/eager, position ids alone for flash-attention
     (whose varlen kernel reads document boundaries from them).
+
+    With `padding_free`, the examples of an unpacked batch are first placed into as few rows as fit its longest
+    example. The batch trains on the same examples with the same loss (documents stay isolated), on far
+    fewer padding tokens.
     """
 
     def __init__(
@@ -63,14 +70,18 @@ class DataCollatorForSFT:
         attn_implementation: str | None = "sdpa",
         completion_only: bool = True,
         dtype: torch.dtype = torch.float32,
+        padding_free: bool = False,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.attn_implementation = attn_implementation or "sdpa"
         self.completion_only = completion_only
         self.dtype = dtype  # of the additive mask eager attention needs
+        self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free and len(features) > 1 and not any("seq_lengths" in f for f in features):
+            features = pack_batch(features, self.completion_only)
         ids = [f["input_ids"] for f in features]
         masks = [f.get("loss_mask") if self.completion_only else None for f in features]
         input_ids = pad_rows(ids, self.pad_token_id, self.pad_to_multiple_of)
@@ -105,6 +116,21 @@ class DataCollatorForSFT:
             attention[i, : len(row)] = 1
         batch["attention_mask"] = attention
         return batch
+
+
+def pack_batch(features: list[dict[str, Any]], with_loss_mask: bool = True) -> list[dict[str, Any]]:
+    """The batch's examples in as few rows as fit its longest example (best fit decreasing), with boundaries."""
+    lengths = [len(f["input_ids"]) for f in features]
+    rows = []
+    for members in best_fit_decreasing(np.asarray(lengths), max(lengths)):
+        row: dict[str, Any] = {
+            "input_ids": [t for i in members for t in features[i]["input_ids"]],
+            "seq_lengths": [lengths[i] for i in members],
+        }
+        if with_loss_mask and all(features[i].get("loss_mask") is not None for i in members):
+            row["loss_mask"] = [m for i in members for m in features[i]["loss_mask"]]
+        rows.append(row)
+    return rows
 
 
 class DataCollatorForCompletionOnlyLM:
@@ -143,12 +169,12 @@ class DataCollatorForCompletionOnlyLM:
         )
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
-        if tokenizer.pad_token_id is None:
-            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token).")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(f["input_ids"]) for f in features]
-        input_ids = pad_rows(ids, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        # Padding is known by position, so any id pads; the tokenizer may get its pad token only later.
+        pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+        input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of)
         labels = torch.full_like(input_ids, self.ignore_index)
         attention = torch.zeros_like(input_ids)
         for i, row in enumerate(ids):

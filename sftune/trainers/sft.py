@@ -130,7 +130,12 @@ class SFTTrainer(Trainer):
         if data_collator is None:
             attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
             dtype = getattr(model, "dtype", torch.float32)
-            data_collator = DataCollatorForSFT(text_tokenizer.pad_token_id, attn_implementation=attn, dtype=dtype)
+            data_collator = DataCollatorForSFT(
+                text_tokenizer.pad_token_id,
+                attn_implementation=attn,
+                dtype=dtype,
+                padding_free=args.padding_free and compute_metrics is None and _takes_packed_rows(model),
+            )
 
         super().__init__(
             model=model,
@@ -345,6 +350,17 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
+
+
+def _takes_packed_rows(model: Any) -> bool:
+    """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return "position_ids" in inspect.signature(base.forward).parameters
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -111,3 +111,14 @@ def test_completion_only_collator_rejects_mlm(chatml):
 def test_labels_are_long_tensors(chatml):
     batch = DataCollatorForSFT(pad_token_id=0)([{"input_ids": [1, 2], "loss_mask": [1, 1]}])
     assert batch["labels"].dtype == torch.long
+
+
+def test_padding_free_puts_a_batch_in_as_few_rows_as_fit_its_longest_example():
+    rows = [{"input_ids": list(range(1, 9)), "loss_mask": [1] * 8}] + [
+        {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]} for _ in range(4)
+    ]
+    batch = DataCollatorForSFT(pad_token_id=0, padding_free=True)(rows)
+    assert batch["input_ids"].shape == (3, 8)  # 8 | 3+3 | 3+3, instead of 5 rows of 8
+    assert int(batch["num_tokens"]) == 20
+    trained = (batch["labels"] != IGNORE_INDEX).sum()
+    assert trained == 8 + 4 * 2  # every loss-mask token kept; first tokens never predicted anyway

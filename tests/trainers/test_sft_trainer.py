@@ -53,7 +53,7 @@ def test_text_dataset_with_model_instance_and_tokenizer(tiny_llama_plain_path, t
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
     assert tokenizer.pad_token is None
     data = Dataset.from_list([{"text": f"the number {i} is here"} for i in range(8)])
-    trainer = SFTTrainer(model, args=config(tmp_path), train_dataset=data, tokenizer=tokenizer)
+    trainer = SFTTrainer(model, args=config(tmp_path, padding_free=False), train_dataset=data, tokenizer=tokenizer)
     assert tokenizer.pad_token == tokenizer.eos_token  # the fallback
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     ends = batch["attention_mask"].sum(1) - 1
@@ -220,3 +220,22 @@ def test_throughput_and_mfu_are_logged(tiny_llama_path, tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logged)
+
+
+def test_padding_free_batches_train_exactly_like_padded_ones(tiny_llama_path, tmp_path):
+    words = ["red", "blue", "green", "amber", "violet", "teal", "gold", "pink"]
+    rows = [{"prompt": f"Say {w} " + "and more " * (i % 5), "completion": f" {w}"} for i, w in enumerate(words * 2)]
+    states, fed, logged = [], [], []
+    for padding_free in (False, True):
+        args = config(tmp_path / str(padding_free), padding_free=padding_free, max_steps=2,
+                      per_device_train_batch_size=8, gradient_accumulation_steps=1, loss_chunk_size=0)  # fmt: skip
+        trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        fed.append(batch["input_ids"].numel())
+        trainer.train()
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        logged.append([entry["num_tokens"] for entry in trainer.state.log_history if "loss" in entry])
+    assert logged[0] == logged[1]  # the same real tokens, step by step
+    assert fed[1] < fed[0]  # fewer padded positions
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-5, rtol=1e-4)
