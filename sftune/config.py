@@ -44,7 +44,9 @@ class SFTConfig(TrainingArguments):
 
     Field names and defaults follow TRL's `SFTConfig`; TRL's later names are accepted too
     (`max_length` for `max_seq_length`). Differences from TRL, on purpose:
-    - batches are padded to their longest row, not to `max_seq_length` (same result, less compute);
+    - batches are padded to their longest row, not to `max_seq_length` (same result, less compute), and by
+      default (`padding_free=True`) a batch's examples share rows, isolated from each other, so little is padded;
+    - the loss is computed in chunks over labelled tokens only (`loss_chunk_size`), never holding full logits;
     - `packing=True` packs exactly: documents in one row never attend to each other (see `sftune.data.packing`).
     """
 

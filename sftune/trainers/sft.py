@@ -21,7 +21,7 @@ from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class
-from ..throughput import ThroughputMeter, count_parameters
+from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class SFTTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        self._throughput = ThroughputMeter(count_parameters(self.model), self.args.device.type)
+        self._throughput = ThroughputMeter(training_flops_per_token(self.model), self.args.device.type)
         self._throughput.last_tokens = self._num_tokens["train"]
         return super().train(*args, **kwargs)
 

@@ -239,3 +239,17 @@ def test_padding_free_batches_train_exactly_like_padded_ones(tiny_llama_path, tm
     assert fed[1] < fed[0]  # fewer padded positions
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], atol=1e-5, rtol=1e-4)
+
+
+def test_training_flops_count_weight_gradients_only_for_trainable_parameters(tiny_llama_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sftune.throughput import training_flops_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    n = sum(p.numel() for p in model.parameters())
+    assert training_flops_per_token(model) == 6 * n
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    total = sum(p.numel() for p in adapted.parameters())
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert training_flops_per_token(adapted) == 4 * total + 2 * trainable < 6 * total
