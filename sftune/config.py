@@ -120,6 +120,10 @@ class SFTConfig(TrainingArguments):
             "every row (exact on every attention backend: examples never attend to each other)."
         },
     )
+    memory_efficient_mlp: bool = field(
+        default=True,
+        metadata={"help": "Fused SwiGLU that keeps one activation less per layer for backward (same results)."},
+    )
     loss_chunk_size: int = field(
         default=1024,
         metadata={

@@ -20,6 +20,7 @@ from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
+from ..memory import use_memory_efficient_mlp
 from ..models import default_output_dir, resolve_model, resolve_processing_class
 from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
@@ -94,39 +95,22 @@ class SFTTrainer(Trainer):
         if model is not None:
             model = _prepare_peft_model(model, peft_config, args)
             _maybe_enable_liger(args)
+            if args.memory_efficient_mlp and not args.use_liger_kernel:
+                use_memory_efficient_mlp(model)
 
-        options = args.dataset_options
-        if not options["skip_prepare_dataset"]:
-            train_dataset = self._prepare(
-                train_dataset,
-                text_tokenizer,
-                args,
-                formatting_func,
-                args.packing,
-                "train",
-            )
+        if not args.dataset_options["skip_prepare_dataset"]:
+
+            def prepare(data: Any, packing: bool, name: str) -> Any:
+                return self._prepare(data, text_tokenizer, args, formatting_func, packing, name)
+
+            train_dataset = prepare(train_dataset, args.packing, "train")
             eval_packing = args.packing if args.eval_packing is None else args.eval_packing
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
-                    name: self._prepare(
-                        data,
-                        text_tokenizer,
-                        args,
-                        formatting_func,
-                        eval_packing,
-                        f"eval {name}",
-                    )
-                    for name, data in eval_dataset.items()
+                    name: prepare(data, eval_packing, f"eval {name}") for name, data in eval_dataset.items()
                 }
             else:
-                eval_dataset = self._prepare(
-                    eval_dataset,
-                    text_tokenizer,
-                    args,
-                    formatting_func,
-                    eval_packing,
-                    "eval",
-                )
+                eval_dataset = prepare(eval_dataset, eval_packing, "eval")
         if data_collator is None:
             attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
             dtype = getattr(model, "dtype", torch.float32)
@@ -151,10 +135,7 @@ class SFTTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.model_id = model_id
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_tokens = {"train": 0, "eval": 0}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -163,12 +144,7 @@ class SFTTrainer(Trainer):
 
     @staticmethod
     def _prepare(
-        dataset: Any,
-        tokenizer: Any,
-        args: SFTConfig,
-        formatting_func: Callable | None,
-        packing: bool,
-        name: str,
+        dataset: Any, tokenizer: Any, args: SFTConfig, formatting_func: Callable | None, packing: bool, name: str
     ) -> Any:
         if dataset is None:
             return None
