@@ -23,10 +23,8 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        sigmoid = torch.sigmoid(gate)
-        silu = gate * sigmoid
-        grad_gate = grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
-        return grad_gate, grad * silu
+        # aten's fused silu backward: one pass instead of a chain of elementwise ops.
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
