@@ -122,7 +122,7 @@ class SFTConfig(TrainingArguments):
     )
     memory_efficient_mlp: bool = field(
         default=True,
-        metadata={"help": "Fused SwiGLU that keeps one activation less per layer for backward (same results)."},
+        metadata={"help": "Fused SwiGLU and RMSNorm that keep fewer activations for backward (same results)."},
     )
     loss_chunk_size: int = field(
         default=1024,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftune.memory import SwiGLU, use_memory_efficient_mlp
+from sftune.memory import RMSNorm, SwiGLU, use_memory_efficient_mlp
 
 
 def test_swiglu_matches_silu_times_up_in_value_and_gradient():
@@ -23,7 +23,8 @@ def test_patched_model_has_identical_loss_and_gradients(tiny_llama_path):
     for patch in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
         if patch:
-            assert use_memory_efficient_mlp(model) == model.config.num_hidden_layers
+            # Per layer: the MLP and two norms; plus the final norm.
+            assert use_memory_efficient_mlp(model) == 3 * model.config.num_hidden_layers + 1
             assert use_memory_efficient_mlp(model) == 0  # idempotent
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -51,3 +52,14 @@ def test_saved_activations_shrink(tiny_llama_path):
         return total
 
     assert saved_bytes(True) < saved_bytes(False)
+
+
+def test_rms_norm_matches_transformers_in_value_and_gradient():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(16, eps=1e-6).double()
+    norm.weight.data.normal_()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.apply(a, w, 1e-6), (x, norm.weight))
+    torch.testing.assert_close(RMSNorm.apply(x, norm.weight, 1e-6), norm(x))
