@@ -181,7 +181,7 @@ def resolve_processing_class(processing_class: Any, model_id: str | None) -> Any
     if processing_class is None:
         if model_id is None:
             raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
-        processing_class = AutoTokenizer.from_pretrained(model_id)
+        return load_tokenizer(model_id)
     return ensure_pad_token(processing_class)
 
 

@@ -68,22 +68,20 @@ class DataCollatorForSFT:
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
         attn_implementation: str | None = "sdpa",
-        completion_only: bool = True,
         dtype: torch.dtype = torch.float32,
         padding_free: bool = False,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.attn_implementation = attn_implementation or "sdpa"
-        self.completion_only = completion_only
         self.dtype = dtype  # of the additive mask eager attention needs
         self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.padding_free and len(features) > 1 and not any("seq_lengths" in f for f in features):
-            features = pack_batch(features, self.completion_only)
+            features = pack_batch(features)
         ids = [f["input_ids"] for f in features]
-        masks = [f.get("loss_mask") if self.completion_only else None for f in features]
+        masks = [f.get("loss_mask") for f in features]
         input_ids = pad_rows(ids, self.pad_token_id, self.pad_to_multiple_of)
         width = input_ids.shape[1]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -118,7 +116,7 @@ class DataCollatorForSFT:
         return batch
 
 
-def pack_batch(features: list[dict[str, Any]], with_loss_mask: bool = True) -> list[dict[str, Any]]:
+def pack_batch(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The batch's examples in as few rows as fit its longest example (best fit decreasing), with boundaries."""
     lengths = [len(f["input_ids"]) for f in features]
     rows = []
@@ -127,7 +125,7 @@ def pack_batch(features: list[dict[str, Any]], with_loss_mask: bool = True) -> l
             "input_ids": [t for i in members for t in features[i]["input_ids"]],
             "seq_lengths": [lengths[i] for i in members],
         }
-        if with_loss_mask and all(features[i].get("loss_mask") is not None for i in members):
+        if all(features[i].get("loss_mask") is not None for i in members):
             row["loss_mask"] = [m for i in members for m in features[i]["loss_mask"]]
         rows.append(row)
     return rows
