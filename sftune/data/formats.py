@@ -1,15 +1,17 @@
 """Dataset formats: detect which one a dataset is in, validate its rows, and render each row as segments.
 
 A *segment* is a piece of the final training text and whether the loss may be taken on it:
-`[("<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n", False), ("Hello!<|im_end|>\\n", True)]`.
-Every format becomes a list of segments; tokenization and masking (sftune.data.tokenize) work on segments only,
-so all formats share one masking mechanism.
+`[("<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n", False), ("Hello!<|im_end|>", True), ("\\n", False)]`.
+A row's segments concatenate to its text, which is tokenized as one string (sftune.data.tokenize); the segments
+only say which characters are trained. Every format becomes segments, so all formats share one masking mechanism.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from . import chat_spans
 
 Segments = list[tuple[str, bool]]
 
@@ -84,7 +86,15 @@ def text_segments(text: Any, row: int, column: str) -> Segments:
 def prompt_completion_segments(
     prompt: Any, completion: Any, row: int, tokenizer: Any, tools: list | None = None
 ) -> Segments:
-    """Loss-eligible completion after a prompt; both strings, or both lists of chat messages."""
+    """Loss-eligible completion after a prompt; both strings, or both lists of chat messages.
+
+    Strings: `[(prompt, False), (completion, True)]`; sftune.data.tokenize keeps the prompt's own tokens and
+    tokenizes the completion in context. Messages: the whole conversation `prompt + completion` is rendered once
+    and the completion's assistant turns are located in it exactly as for conversations (see
+    `conversation_segments`). A generation prompt that the whole rendering does not contain (DeepSeek-R1's
+    `<think>\n`) is not added: the tokens are the template's rendering of the whole conversation, and the
+    completion is the reply as rendered there, starting right after the assistant header.
+    """
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
             raise DatasetFormatError(f"Row {row}, column 'completion' is empty. Remove rows without a completion.")
@@ -92,48 +102,74 @@ def prompt_completion_segments(
     if isinstance(prompt, list) and isinstance(completion, list):
         validate_messages(prompt, row, "prompt")
         validate_messages(completion, row, "completion")
-        prompt_text = render_chat(tokenizer, prompt, row, add_generation_prompt=True, tools=tools)
-        full = render_chat(tokenizer, prompt + completion, row, tools=tools)
-        if not full.startswith(prompt_text):
+        messages = prompt + completion
+        turns = [len(prompt) + i for i, m in enumerate(completion) if m["role"] == "assistant"]
+        if not turns:
             raise DatasetFormatError(
-                f"Row {row}: the chat template renders the prompt differently on its own and before the completion, "
-                "so the completion's tokens cannot be located. Use a template whose prompt is a prefix of the "
-                "whole conversation."
+                f"Row {row}, column 'completion': it has no assistant message, so there is nothing to train on. "
+                "Put the model's reply in the completion as {'role': 'assistant', 'content': ...}."
             )
-        return [(prompt_text, False), (full[len(prompt_text) :], True)]
+        return conversation_segments(messages, row, tokenizer, tools=tools, turns=turns, column="completion")
     raise DatasetFormatError(
         f"Row {row}: 'prompt' and 'completion' must both be strings or both be lists of messages; got "
         f"{type(prompt).__name__} and {type(completion).__name__}."
     )
 
 
-def conversation_segments(messages: Any, row: int, tokenizer: Any, tools: list | None = None) -> Segments:
-    """Render a conversation and mark each assistant turn (its content and end-of-turn text) loss-eligible.
+def conversation_segments(
+    messages: Any,
+    row: int,
+    tokenizer: Any,
+    tools: list | None = None,
+    assistant_only: bool = True,
+    turns: list[int] | None = None,
+    column: str = "messages",
+) -> Segments:
+    """The conversation rendered once, cut into untrained text and trained assistant replies.
 
-    Each assistant span runs from the end of the conversation-so-far rendered with the generation prompt to the end
-    of the conversation rendered up to and including that turn. This is exact for any template whose renderings
-    of a conversation's prefixes are prefixes of the whole, and it puts the boundary where inference puts it.
+    The segments concatenate to `apply_chat_template(messages, tokenize=False)` and are tokenized as that one
+    string (sftune.data.tokenize), so the tokens equal `apply_chat_template(tokenize=True)` for every template,
+    including ones that rewrite earlier turns. Each trained reply is located in that rendering by
+    sftune.data.chat_spans: from the end of the assistant header (what the template adds after it, e.g. a `<think>`
+    block or a harmony channel, is the model's to generate) through its end-of-turn token(s), never the newline
+    or next header after them. `turns` picks which assistant messages to train (default: all);
+    `assistant_only=False` trains the whole rendering.
     """
-    validate_messages(messages, row, "messages")
+    validate_messages(messages, row, column)
     full = render_chat(tokenizer, messages, row, tools=tools)
+    if not assistant_only:
+        return [(full, True)]
+    try:
+        spans = chat_spans.assistant_spans(tokenizer, messages, full, tools=tools, turns=turns)
+    except chat_spans.SpanError as error:
+        raise DatasetFormatError(
+            f"Row {row}, column '{column}', message {error.turn} (assistant): {error}, so its tokens cannot be "
+            "located exactly in the conversation. Set assistant_only_loss=False to train on the whole conversation "
+            "(its tokens stay exact), or drop this row (dataset.filter(...))."
+        ) from None
     segments: Segments = []
     cursor = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_chat(tokenizer, messages[:i], row, add_generation_prompt=True, tools=tools) if i else ""
-        through = render_chat(tokenizer, messages[: i + 1], row, tools=tools)
-        if not (full.startswith(before) and full.startswith(through) and cursor <= len(before) <= len(through)):
-            raise DatasetFormatError(
-                f"Row {row}, column 'messages': the chat template does not render turn {i} as a prefix of the whole "
-                "conversation (templates that rewrite earlier turns, e.g. dropping past reasoning, do this), so "
-                "assistant turns cannot be located exactly. Set assistant_only_loss=False, or use another template."
-            )
-        segments.append((full[cursor : len(before)], False))
-        segments.append((full[len(before) : len(through)], True))
-        cursor = len(through)
+    for start, end in spans:
+        segments.append((full[cursor:start], False))
+        segments.append((full[start:end], True))
+        cursor = end
     segments.append((full[cursor:], False))
     return [(text, trainable) for text, trainable in segments if text]
+
+
+def conversation_turn_examples(messages: Any, row: int, tokenizer: Any, tools: list | None = None) -> list[Segments]:
+    """One example per assistant turn (`assistant_turns_as_examples=True`), for reasoning models.
+
+    Example k is the conversation up to and including assistant turn k, rendered as the template renders it at
+    inference for that turn (so its reasoning is kept, where the whole-conversation rendering drops past
+    reasoning), and trains only turn k. The cost is the repeated history: on 3-assistant-turn Qwen3 conversations
+    with reasoning (benchmarks/prepare_chat.py) it is 2.0x the tokens of the whole-conversation rendering.
+    """
+    validate_messages(messages, row, "messages")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        return [conversation_segments(messages, row, tokenizer, tools=tools)]
+    return [conversation_segments(messages[: i + 1], row, tokenizer, tools=tools, turns=[i]) for i in turns]
 
 
 def render_chat(
@@ -148,12 +184,18 @@ def render_chat(
             f"Row {row} is a conversation, but the tokenizer has no chat template. Set tokenizer.chat_template, "
             "or call sftune.setup_chat_format(model, tokenizer) to add ChatML."
         )
-    return tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
+        raise DatasetFormatError(
+            f"Row {row}: the chat template refused this conversation: {error}. Fix the row to fit the template "
+            "(or drop it with dataset.filter(...)), or use a template that accepts it."
+        ) from None
 
 
 def validate_messages(messages: Any, row: int, column: str) -> None:

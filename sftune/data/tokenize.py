@@ -1,7 +1,8 @@
 """Tokenize segments into `input_ids` and a `loss_mask`, truncate, and run this over a whole dataset.
 
-Each segment is tokenized on its own and the pieces are concatenated. The loss mask is therefore exact to the
-token by construction, and a prompt is tokenized exactly as it will be at inference, when it is tokenized alone.
+A row's segments concatenate to one text, which is tokenized as one string: tokenizing pieces separately is not
+tokenizing the text (SentencePiece adds `▁` at each piece start; byte-level BPE cannot merge across a cut). The
+segments only decide the mask, through the fast tokenizer's character offsets (rules in `tokenize_rows`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TokenizeOptions:
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
     truncation_mode: str = "keep_start"
+    assistant_turns_as_examples: bool = False
 
 
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -58,10 +60,8 @@ def row_segments(
         return formats.text_segments(value, row, column), True
     tools = example.get("tools")
     if fmt == formats.MESSAGES:
-        segments = formats.conversation_segments(example["messages"], row, tokenizer, tools=tools)
-        if not options.assistant_only_loss:
-            segments = [(piece, True) for piece, _ in segments]
-        return segments, False
+        messages = example["messages"]
+        return formats.conversation_segments(messages, row, tokenizer, tools, options.assistant_only_loss), False
     if fmt == formats.PROMPT_COMPLETION:
         prompt, completion = example["prompt"], example["completion"]
         segments = formats.prompt_completion_segments(prompt, completion, row, tokenizer, tools=tools)
@@ -71,31 +71,67 @@ def row_segments(
     raise ValueError(f"Unknown format {fmt!r}")
 
 
+def row_examples(
+    example: dict[str, Any],
+    row: int,
+    fmt: str,
+    tokenizer: Any,
+    options: TokenizeOptions,
+    text: str | None = None,
+) -> list[tuple[Segments, bool]]:
+    """The examples a row becomes: one, or one per assistant turn with `assistant_turns_as_examples`."""
+    if options.assistant_turns_as_examples and fmt == formats.MESSAGES:
+        examples = formats.conversation_turn_examples(example["messages"], row, tokenizer, example.get("tools"))
+        return [(segments, False) for segments in examples]
+    return [row_segments(example, row, fmt, tokenizer, options, text)]
+
+
 def tokenize_rows(
     rows: list[tuple[Segments, bool]],
     tokenizer: Any,
     options: TokenizeOptions,
     first_row: int,
 ) -> dict[str, list[list[int]]]:
-    """Tokenize the segments of many rows in one tokenizer call; return `input_ids` and `loss_mask` per row."""
-    flat = [piece for segments, _ in rows for piece, _ in segments]
-    pieces = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    """Tokenize many rows (segments, is_raw_text) in a few batched tokenizer calls; `input_ids` and `loss_mask`.
+
+    Each row's text (its segments joined) is tokenized as one string with `add_special_tokens=False`, which is
+    what `apply_chat_template(tokenize=True)` does, so a conversation's ids equal the template's by construction.
+    Masks:
+    - A token is trained when any of its characters lies in a trained segment. Trained chat replies end on an
+      end-of-turn special token, which never straddles; at a reply's start a token can straddle the header and the
+      reply only when the reply begins with characters the tokenizer merges with the header's last ones (ChatML's
+      `assistant\n` + a reply starting with `\n` gives one `\n\n` token). That token is trained: it carries reply
+      text, the ids must be the template's, and not training it would leave reply text unlearned.
+    - Plain-string prompt/completion (raw text whose first segment is untrained): the prompt keeps exactly the
+      tokens it has alone (as at inference, when it is tokenized alone), and the completion is tokenized in context:
+      when the prompt's tokens are a prefix of the whole string's, the ids are the whole string's (so no extra
+      SentencePiece `▁` and BPE merges as in the full text). When they are not (the prompt ends inside something
+      the tokenizer would merge with the completion, e.g. a trailing space), the ids are the prompt's tokens
+      followed by the completion tokenized after a forced boundary (as it tokenizes after a newline, which adds
+      no dummy prefix and merges with nothing), and all of the completion is trained.
+    """
+    texts = ["".join(piece for piece, _ in segments) for segments, _ in rows]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    prompts = {
+        i: segments[0][0]
+        for i, (segments, is_raw_text) in enumerate(rows)
+        if is_raw_text and len(segments) > 1 and not segments[0][1]
+    }
+    prompt_ids = (
+        dict(zip(prompts, tokenizer(list(prompts.values()), add_special_tokens=False)["input_ids"])) if prompts else {}
+    )
     prefix, suffix = special_tokens_around(tokenizer) if options.add_special_tokens else ([], [])
     eos = tokenizer.eos_token_id
     all_ids, all_masks = [], []
-    cursor = 0
     for offset, (segments, is_raw_text) in enumerate(rows):
-        ids: list[int] = []
-        mask: list[int] = []
+        ids = list(encoded["input_ids"][offset])
+        if offset in prompt_ids:
+            ids, mask = prompt_then_completion(tokenizer, prompt_ids[offset], ids, segments)
+        else:
+            mask = offsets_mask(encoded["offset_mapping"][offset], segments)
         if is_raw_text:
-            ids += prefix
-            mask += [0] * len(prefix)
-        for _, trainable in segments:
-            piece = pieces[cursor]
-            cursor += 1
-            ids += piece
-            mask += [int(trainable)] * len(piece)
-        if is_raw_text:
+            ids = prefix + ids
+            mask = [0] * len(prefix) + mask
             if eos is not None and eos not in suffix and (not ids or ids[-1] != eos):
                 ids.append(eos)  # teaches the model to stop
                 mask.append(1)
@@ -105,6 +141,52 @@ def tokenize_rows(
         all_ids.append(ids)
         all_masks.append(mask)
     return {"input_ids": all_ids, "loss_mask": all_masks}
+
+
+def trained_ranges(segments: Segments) -> list[tuple[int, int]]:
+    ranges, cursor = [], 0
+    for piece, trainable in segments:
+        if trainable and piece:
+            if ranges and ranges[-1][1] == cursor:
+                ranges[-1] = (ranges[-1][0], cursor + len(piece))
+            else:
+                ranges.append((cursor, cursor + len(piece)))
+        cursor += len(piece)
+    return ranges
+
+
+def offsets_mask(offsets: list[tuple[int, int]], segments: Segments) -> list[int]:
+    """1 for each token with a character inside a trained range (offsets are sorted, so one pass)."""
+    ranges = trained_ranges(segments)
+    if not ranges:
+        return [0] * len(offsets)
+    if len(ranges) == 1 and ranges[0] == (0, sum(len(piece) for piece, _ in segments)):
+        return [1] * len(offsets)
+    mask = []
+    r = 0
+    for start, end in offsets:
+        while r < len(ranges) and ranges[r][1] <= start:
+            r += 1
+        mask.append(int(r < len(ranges) and ranges[r][0] < max(end, start + 1) and start < ranges[r][1]))
+    return mask
+
+
+def prompt_then_completion(
+    tokenizer: Any, prompt: list[int], full: list[int], segments: Segments
+) -> tuple[list[int], list[int]]:
+    trainable = [t for _, t in segments]
+    if full[: len(prompt)] == prompt:
+        rest = len(full) - len(prompt)
+        return full, [0] * len(prompt) + [int(any(trainable[1:]))] * rest
+    completion = "".join(piece for piece, _ in segments[1:])
+    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    anchored = tokenizer("\n" + completion, add_special_tokens=False)["input_ids"]
+    tail = (
+        anchored[len(anchor) :]
+        if anchored[: len(anchor)] == anchor
+        else tokenizer(completion, add_special_tokens=False)["input_ids"]
+    )
+    return prompt + tail, [int(trainable[0])] * len(prompt) + [int(any(trainable[1:]))] * len(tail)
 
 
 def truncate(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> tuple[list[int], list[int]]:
@@ -147,8 +229,9 @@ def make_tokenize_function(
             else:
                 texts = [formatting_func(example) for example in examples]
         rows = [
-            row_segments(example, row, fmt, tokenizer, options, text)
+            example_row
             for example, row, text in zip(examples, indices, texts, strict=True)
+            for example_row in row_examples(example, row, fmt, tokenizer, options, text)
         ]
         return tokenize_rows(rows, tokenizer, options, indices[0])
 

@@ -57,19 +57,21 @@ def test_assistant_only_mask_is_exactly_the_assistant_turns(template, request):
     tokenizer = request.getfixturevalue(template)
     row = prepare([{"messages": CONVERSATION}], tokenizer, assistant_only_loss=True)[0]
     full = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    # Expected spans from the template itself: the text each assistant turn adds after the generation prompt.
+    # Expected spans from the template itself: the text each assistant turn adds after the generation prompt, up to
+    # and including its end-of-turn token (the newline the template puts after that token is not the reply).
+    eos = tokenizer.eos_token
     expected = []
     for i, message in enumerate(CONVERSATION):
         if message["role"] == "assistant":
             before = tokenizer.apply_chat_template(CONVERSATION[:i], tokenize=False, add_generation_prompt=True)
             through = tokenizer.apply_chat_template(CONVERSATION[: i + 1], tokenize=False)
             assert full.startswith(through)
-            expected.append(through[len(before) :])
+            added = through[len(before) :]
+            expected.append(added[: added.rindex(eos) + len(eos)])
     assert trained_runs(tokenizer, row) == expected
     assert all(message["content"] in span for message, span in zip(CONVERSATION[2::2], expected, strict=True))
     assert tokenizer.decode(row["input_ids"]) == full
     # The end-of-turn marker is trained, so the model learns to stop.
-    eos = tokenizer.eos_token
     assert all(eos in span for span in expected)
 
 
@@ -89,7 +91,7 @@ def test_prompt_completion_trains_only_on_completion_plus_eos(plain):
 def test_conversational_prompt_completion(chatml):
     rows = [{"prompt": CONVERSATION[:2], "completion": [{"role": "assistant", "content": "Four."}]}]
     row = prepare(rows, chatml)[0]
-    assert trained_runs(chatml, row) == ["Four.<|im_end|>\n"]
+    assert trained_runs(chatml, row) == ["Four.<|im_end|>"]
 
 
 def test_plain_text_gets_eos_and_is_all_trained(plain):
