@@ -97,7 +97,10 @@ def assistant_spans(
             start = reply_start(full, probes.header_cuts, lower, region[0])
         if start is None:
             start = anchored_start(tokenizer, messages[:i], tools, full, lower, region[0], probes.specials)
-        spans.append((start, reply_end(full, probes.end_of_turn, region[1], upper)))
+        end = reply_end(full, probes.end_of_turn, region[1], upper)
+        if end <= start:
+            raise SpanError(i, "the chat template renders nothing for this assistant turn")
+        spans.append((start, end))
         lower = spans[-1][1]
     return spans
 

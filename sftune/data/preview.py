@@ -12,20 +12,25 @@ GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
 def render_row(tokenizer: Any, input_ids: list[int], loss_mask: list[int], color: bool) -> str:
-    """The row's text, token by token; trained tokens green (or inside [[ ]] without colour)."""
+    """The row's exact text, trained runs green (or inside [[ ]] without colour).
+
+    Each run is the difference of decoding the ids up to its end and up to its start, so the pieces join to
+    `decode(input_ids)` exactly: decoding tokens one by one would drop SentencePiece's leading spaces and split
+    multi-byte characters.
+    """
     out = []
-    previous = None
-    for token_id, trained in zip(input_ids, loss_mask, strict=True):
-        piece = tokenizer.decode([token_id])
+    decoded = ""
+    start = 0
+    for end in range(1, len(input_ids) + 1):
+        if end < len(input_ids) and loss_mask[end] == loss_mask[start]:
+            continue
+        text = tokenizer.decode(input_ids[:end])
+        piece, decoded = text[len(decoded) :], text
         if color:
-            out.append((GREEN if trained else DIM) + piece + RESET)
+            out.append((GREEN if loss_mask[start] else DIM) + piece + RESET)
         else:
-            if trained != previous:
-                out.append("[[" if trained else ("]]" if previous else ""))
-            out.append(piece)
-        previous = trained
-    if not color and previous:
-        out.append("]]")
+            out.append(f"[[{piece}]]" if loss_mask[start] else piece)
+        start = end
     return "".join(out)
 
 
