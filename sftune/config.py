@@ -113,6 +113,14 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata={"help": "Train only on the assistant turns of conversational data."},
     )
+    assistant_turns_as_examples: bool = field(
+        default=False,
+        metadata={
+            "help": "Make each assistant turn of a conversation its own example, its history rendered as at inference, "
+            "training only that turn: every turn's reasoning is trained (whole conversations drop past reasoning), "
+            "at the cost of repeating the history (about 2x the tokens on 3-turn chats)."
+        },
+    )
     padding_free: bool = field(
         default=True,
         metadata={

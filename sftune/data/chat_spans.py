@@ -13,12 +13,13 @@ rewrite earlier turns (drop past reasoning, end past turns differently, move the
    turn falls back to a diff: render with that turn's fields emptied; the region that changes is the turn.
 
 A located field region is then extended to the whole reply as the model generates it:
-- start: where inference's prompt ends: the history rendered with the generation prompt, when that is a prefix of
-  the whole rendering (so a template's space before a reply, as in Llama-2's `[/INST] `, is the model's to
-  generate). When the template rewrites history so that it is not (system prompt moved, generation prompt absent
-  from the whole rendering), right after the generation prompt's header as it appears in the rendering (the
-  longest prefix of the template's generation prompt, cut at a special token or its end, found before the
-  reply). What the template puts
+- start: where inference's prompt ends. For a template with a generation prompt: right after it as it appears
+  before the reply (the longest prefix of it, cut at a special token or its end, so that DeepSeek-R1's
+  `<｜Assistant｜><think>\\n`, absent from the whole rendering, is found as `<｜Assistant｜>`): a string search, no
+  extra rendering. Without one (Llama-2, Mistral): the end of the history rendered with the generation prompt when
+  that is a prefix of the whole rendering (so the template's space before a reply, `[/INST] `, is the model's to
+  generate); when the template rewrites history so that it is not (Mistral moves the system prompt and tools into
+  the last user turn), after the last occurrence of that prompt's tail from its last special token (`[/INST]`). What the template puts
   between that header and the content (GPT-OSS `<|channel|>final<|message|>`, Qwen3's `<think>` block) is the
   model's to generate, so it is trained. DeepSeek-R1's generation prompt `<｜Assistant｜><think>\\n` never appears in
   the whole rendering; its `<｜Assistant｜>` prefix does, so the reply starts after it.
@@ -88,13 +89,13 @@ def assistant_spans(
             if regions.get(later):
                 upper = regions[later][0]
                 break
-        start = prompt_end(tokenizer, messages[:i], tools, full, lower, region[0] if region else upper)
+        start = reply_start(full, probes.header_cuts, lower, region[0]) if region else None
+        if start is None:
+            start = prompt_end(tokenizer, messages[:i], tools, full, lower, region[0] if region else upper)
         if region is None:
             if start is None:
                 raise SpanError(i, "the chat template does not render this assistant turn's content")
             region = (start, start)  # rendered empty (e.g. tool calls a template ignores): the reply is its end
-        if start is None:
-            start = reply_start(full, probes.header_cuts, lower, region[0])
         if start is None:
             start = anchored_start(tokenizer, messages[:i], tools, full, lower, region[0], probes.specials)
         end = reply_end(full, probes.end_of_turn, region[1], upper)

@@ -7,6 +7,7 @@ segments only decide the mask, through the fast tokenizer's character offsets (r
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,18 +157,20 @@ def trained_ranges(segments: Segments) -> list[tuple[int, int]]:
 
 
 def offsets_mask(offsets: list[tuple[int, int]], segments: Segments) -> list[int]:
-    """1 for each token with a character inside a trained range (offsets are sorted, so one pass)."""
+    """1 for each token with a character inside a trained range (tokens are in text order: two bisections per range)."""
     ranges = trained_ranges(segments)
     if not ranges:
         return [0] * len(offsets)
     if len(ranges) == 1 and ranges[0] == (0, sum(len(piece) for piece, _ in segments)):
         return [1] * len(offsets)
-    mask = []
-    r = 0
-    for start, end in offsets:
-        while r < len(ranges) and ranges[r][1] <= start:
-            r += 1
-        mask.append(int(r < len(ranges) and ranges[r][0] < max(end, start + 1) and start < ranges[r][1]))
+    mask = [0] * len(offsets)
+    if not offsets:
+        return mask
+    starts, ends = zip(*offsets, strict=True)
+    ends = [max(end, start + 1) for start, end in offsets]  # a zero-width token counts at its position
+    for start, end in ranges:
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+        mask[first:last] = [1] * max(0, last - first)
     return mask
 
 

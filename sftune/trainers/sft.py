@@ -155,6 +155,7 @@ class SFTTrainer(Trainer):
             completion_only_loss=args.completion_only_loss,
             assistant_only_loss=args.assistant_only_loss,
             truncation_mode=args.truncation_mode,
+            assistant_turns_as_examples=args.assistant_turns_as_examples,
         )
         dataset = prepare_dataset(
             dataset,

@@ -1,0 +1,108 @@
+"""Preparation speed of multi-turn conversations (3 assistant turns each), and the per-turn mode's token overhead.
+
+Run on one core, before (main's code) and after, back to back:
+
+    taskset -c 1 python benchmarks/prepare_chat.py                       # the checkout's sftune
+    cd /work/main && taskset -c 1 python /path/to/benchmarks/prepare_chat.py   # main's sftune (before)
+
+Prints one JSON line: which sftune ran, examples/s with assistant_only_loss True and False (SmolLM2's ChatML
+template and tokenizer), and, where the code has `assistant_turns_as_examples`, its token overhead on Qwen3 (real
+vocabulary from the tests' fixtures) with reasoning in every turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+WORDS = "the a model answer question data token train loss turn reply user value city weather number list".split()
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
+
+
+def conversations(n: int, seed: int = 0, reasoning: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": sentence(rng, 4, 12)}]
+        for _turn in range(3):
+            messages.append({"role": "user", "content": sentence(rng, 5, 30)})
+            reply = {"role": "assistant", "content": " ".join(sentence(rng, 5, 25) for _ in range(rng.randint(1, 4)))}
+            if reasoning:
+                reply["reasoning_content"] = " ".join(sentence(rng, 8, 30) for _ in range(rng.randint(1, 3)))
+            messages.append(reply)
+        rows.append({"messages": messages})
+    return rows
+
+
+def time_prepare(tokenizer, rows: list[dict], **options) -> float:
+    from datasets import Dataset
+
+    from sftune.data.tokenize import TokenizeOptions, prepare_dataset
+
+    data = Dataset.from_list(rows)
+    start = time.perf_counter()
+    prepared = prepare_dataset(data, tokenizer, TokenizeOptions(max_length=None, **options), batch_size=1000)
+    elapsed = time.perf_counter() - start
+    assert len(prepared) >= len(rows)
+    return len(rows) / elapsed
+
+
+def turn_overhead(rows: list[dict]) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from datasets import Dataset
+
+    from sftune.data.tokenize import TokenizeOptions, prepare_dataset
+    from tests import real_tokenizers
+
+    tokenizer = real_tokenizers.load("qwen3")
+    data = Dataset.from_list(rows)
+    out = {}
+    for per_turn in (False, True):
+        options = TokenizeOptions(max_length=None, assistant_only_loss=True, assistant_turns_as_examples=per_turn)
+        prepared = prepare_dataset(data, tokenizer, options)
+        out["per_turn" if per_turn else "whole"] = {
+            "examples": len(prepared),
+            "tokens": sum(len(ids) for ids in prepared["input_ids"]),
+            "trained": sum(sum(mask) for mask in prepared["loss_mask"]),
+        }
+    out["token_overhead"] = round(out["per_turn"]["tokens"] / out["whole"]["tokens"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--overhead-rows", type=int, default=2_000)
+    args = parser.parse_args()
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    import sftune
+    from sftune.data.tokenize import TokenizeOptions
+    from sftune.models import smollm2_path
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    rows = conversations(args.rows)
+    result = {
+        "sftune": str(Path(sftune.__file__).parent),
+        "rows": args.rows,
+        "assistant_turns": 3,
+        "examples_per_s_assistant_only": round(time_prepare(tokenizer, rows, assistant_only_loss=True), 1),
+        "examples_per_s_all_tokens": round(time_prepare(tokenizer, rows, assistant_only_loss=False), 1),
+    }
+    if "assistant_turns_as_examples" in TokenizeOptions.__dataclass_fields__:
+        result["qwen3_reasoning_per_turn"] = turn_overhead(conversations(args.overhead_rows, 1, reasoning=True))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
