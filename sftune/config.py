@@ -118,7 +118,7 @@ class SFTConfig(TrainingArguments):
         metadata={
             "help": "Make each assistant turn of a conversation its own example, its history rendered as at inference, "
             "training only that turn: every turn's reasoning is trained (whole conversations drop past reasoning), "
-            "at the cost of repeating the history (about 2x the tokens on 3-turn chats)."
+            "at the cost of repeating the history (2.2x the tokens on 3-turn reasoning chats)."
         },
     )
     padding_free: bool = field(

@@ -75,7 +75,7 @@ def test_preview_marks_trained_tokens(tiny_llama_path, tmp_path, capsys):
           "--color", "never"])  # fmt: skip
     printed = capsys.readouterr().out
     answer = json.loads(train.read_text().splitlines()[0])["answer"]
-    assert f"[[{answer}<|im_end|>\n]]" in printed
+    assert f"[[{answer}<|im_end|>]]" in printed  # never the newline after the end-of-turn token
     assert "row 0" in printed
 
 
