@@ -262,8 +262,9 @@ class Probes:
 
 
 def special_tokens(tokenizer: Any) -> list[str]:
+    """Added tokens, special or not: each is one atomic token (some real tokenizers leave turn markers unflagged)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    tokens = {t.content for t in decoder.values() if getattr(t, "special", False)}
+    tokens = {getattr(t, "content", str(t)) for t in decoder.values()}
     tokens |= set(getattr(tokenizer, "all_special_tokens", []) or [])
     return sorted((t for t in tokens if t), key=len, reverse=True)
 

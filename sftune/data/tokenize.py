@@ -112,7 +112,7 @@ def tokenize_rows(
       no dummy prefix and merges with nothing), and all of the completion is trained.
     """
     texts = ["".join(piece for piece, _ in segments) for segments, _ in rows]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    encoded = tokenize_texts(tokenizer, texts, needs_offsets=any(len(segments) > 1 for segments, _ in rows))
     prompts = {
         i: segments[0][0]
         for i, (segments, is_raw_text) in enumerate(rows)
@@ -129,7 +129,8 @@ def tokenize_rows(
         if offset in prompt_ids:
             ids, mask = prompt_then_completion(tokenizer, prompt_ids[offset], ids, segments)
         else:
-            mask = offsets_mask(encoded["offset_mapping"][offset], segments)
+            mask = offsets_mask(encoded["offset_mapping"][offset], segments) if len(segments) > 1 else None
+            mask = mask if mask is not None else [int(bool(segments) and segments[0][1])] * len(ids)
         if is_raw_text:
             ids = prefix + ids
             mask = [0] * len(prefix) + mask
@@ -142,6 +143,21 @@ def tokenize_rows(
         all_ids.append(ids)
         all_masks.append(mask)
     return {"input_ids": all_ids, "loss_mask": all_masks}
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], needs_offsets: bool) -> dict[str, list]:
+    if not texts:
+        return {"input_ids": []}
+    if not needs_offsets:
+        return tokenizer(texts, add_special_tokens=False)
+    try:
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise DatasetFormatError(
+            "Masking part of a row (assistant_only_loss, or a conversational completion) needs the tokenizer's "
+            "character offsets, which only fast tokenizers give. Load the tokenizer with use_fast=True, or set "
+            "assistant_only_loss=False / completion_only_loss=False."
+        ) from None
 
 
 def trained_ranges(segments: Segments) -> list[tuple[int, int]]:

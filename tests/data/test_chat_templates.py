@@ -415,10 +415,11 @@ def test_plain_prompt_whose_tokens_are_not_a_prefix_keeps_them_and_starts_the_co
     assert tokenizer.decode(row["input_ids"][:-1]) == prompt + completion
 
 
-def test_preview_shows_the_exact_tokens_and_the_trained_ones(real, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["mistral_v03", "qwen3", "gptoss"])
+def test_preview_shows_the_exact_tokens_and_the_trained_ones(real, tmp_path, capsys, name):
     from sftune.data.preview import preview_rows
 
-    tokenizer = real("mistral_v03")
+    tokenizer = real(name)
     model_dir = tmp_path / "tok"
     tokenizer.save_pretrained(model_dir)
     messages = CASES["three_turns_system"]
@@ -428,7 +429,7 @@ def test_preview_shows_the_exact_tokens_and_the_trained_ones(real, tmp_path, cap
     out = capsys.readouterr().out
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert shown[0]["input_ids"] == reference_ids(tokenizer, messages)
-    spans = expected_spans("mistral_v03", messages, full)
+    spans = expected_spans(name, messages, full)
     shown_text = out.split("\n", 1)[1].rsplit("\n(", 1)[0]  # between the row's header line and the legend
     assert shown_text.replace("[[", "").replace("]]", "") == tokenizer.decode(shown[0]["input_ids"])
     trained = [piece.split("]]")[0].strip() for piece in shown_text.split("[[")[1:]]
