@@ -92,8 +92,11 @@ def tokenize_rows(
     tokenizer: Any,
     options: TokenizeOptions,
     first_row: int,
+    row_numbers: list[int] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Tokenize many rows (segments, is_raw_text) in a few batched tokenizer calls; `input_ids` and `loss_mask`.
+
+    Errors name row `first_row + i`, or `row_numbers[i]` where given (when rows expand into several examples).
 
     Each row's text (its segments joined) is tokenized as one string with `add_special_tokens=False`, which is
     what `apply_chat_template(tokenize=True)` does, so a conversation's ids equal the template's by construction.
@@ -139,7 +142,7 @@ def tokenize_rows(
                 mask.append(1)
             ids += suffix
             mask += [0] * len(suffix)
-        ids, mask = truncate(ids, mask, options, first_row + offset)
+        ids, mask = truncate(ids, mask, options, row_numbers[offset] if row_numbers else first_row + offset)
         all_ids.append(ids)
         all_masks.append(mask)
     return {"input_ids": all_ids, "loss_mask": all_masks}
@@ -247,12 +250,12 @@ def make_tokenize_function(
                     )
             else:
                 texts = [formatting_func(example) for example in examples]
-        rows = [
-            example_row
-            for example, row, text in zip(examples, indices, texts, strict=True)
-            for example_row in row_examples(example, row, fmt, tokenizer, options, text)
-        ]
-        return tokenize_rows(rows, tokenizer, options, indices[0])
+        rows, numbers = [], []
+        for example, row, text in zip(examples, indices, texts, strict=True):
+            for example_row in row_examples(example, row, fmt, tokenizer, options, text):
+                rows.append(example_row)
+                numbers.append(row)  # one row can give several examples (assistant_turns_as_examples)
+        return tokenize_rows(rows, tokenizer, options, indices[0], numbers)
 
     return tokenize_batch
 
