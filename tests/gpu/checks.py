@@ -225,3 +225,29 @@ def eval_loss(model: Any, batch: dict[str, torch.Tensor], autocast_dtype: torch.
         torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)),
     ):
         return float(model(**inputs).loss)
+
+
+def reload_adapters(model_path: Any, adapter_dir: Any, model_config: Any) -> Any:
+    """The base model loaded as the run loaded it, made ready as SFTTrainer makes a k-bit model ready (norms and
+    head in float32), with the saved adapters: the trained model, rebuilt from disk."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, **model_config.model_init_kwargs())
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def assert_same_adapters(trained: Any, reloaded: Any) -> None:
+    from peft import get_peft_model_state_dict
+
+    saved, loaded = get_peft_model_state_dict(trained), get_peft_model_state_dict(reloaded)
+    assert saved.keys() == loaded.keys() and saved
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].to(value.device, value.dtype), value, atol=0, rtol=0)
+
+
+def training_batch(trainer: Any, n: int = 4) -> dict[str, torch.Tensor]:
+    """The first `n` prepared training rows, collated by the trainer's own collator (the data the adapters learnt)."""
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])

@@ -79,8 +79,6 @@ def test_chunked_loss_equals_the_models_own_loss_in_training(tiny_llama_path, tm
 
 def test_lora_loss_falls_saves_and_reloads_with_the_qlora_settings(learnable_llama_path, tmp_path):
     """The QLoRA GPU test's recipe without quantization: the same steps, learning rate and checks."""
-    from peft import PeftModel
-
     from sftune import ModelConfig
 
     model_config = ModelConfig(use_peft=True, lora_target_modules=["all-linear"], lora_dropout=0.0)
@@ -89,10 +87,10 @@ def test_lora_loss_falls_saves_and_reloads_with_the_qlora_settings(learnable_lla
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    batch = checks.collator_for(trainer.model)(checks.random_documents(4, 500, seed=3))
+    reloaded = checks.reload_adapters(learnable_llama_path, tmp_path / "adapter", model_config)
+    checks.assert_same_adapters(trainer.model, reloaded)
+    batch = checks.training_batch(trainer)
     trained = checks.eval_loss(trainer.model, batch)
-    base = AutoModelForCausalLM.from_pretrained(learnable_llama_path, **model_config.model_init_kwargs())
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert checks.eval_loss(reloaded, batch) == pytest.approx(trained, rel=1e-5)
     with reloaded.disable_adapter():
-        assert abs(checks.eval_loss(reloaded, batch) - trained) > 1e-3  # the adapters matter
+        assert checks.eval_loss(reloaded, batch) > trained + 0.1  # the adapters learnt the data

@@ -131,8 +131,6 @@ def test_kbit_helpers_produce_working_configs():
 @needs_bnb
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_saves_and_reloads(gpu_model_path, bits, tmp_path):
-    from peft import PeftModel
-
     model_config = ModelConfig(
         torch_dtype="bfloat16",
         load_in_4bit=bits == 4,
@@ -151,14 +149,14 @@ def test_qlora_trains_saves_and_reloads(gpu_model_path, bits, tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    batch = checks.collator_for(trainer.model)(checks.random_documents(4, 500, seed=3))
+    reloaded = checks.reload_adapters(gpu_model_path, tmp_path / "adapter", model_config)
+    checks.assert_same_adapters(trainer.model, reloaded)
+    batch = checks.training_batch(trainer)
     trained = checks.eval_loss(trainer.model, batch, torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(gpu_model_path, **model_config.model_init_kwargs())
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    # Quantizing the same weights again gives the same codes; the adapters are saved exactly.
+    # Quantizing the same weights again gives the same codes, and the adapters are equal: the same model.
     assert checks.eval_loss(reloaded, batch, torch.bfloat16) == pytest.approx(trained, rel=1e-3)
     with reloaded.disable_adapter():
-        assert abs(checks.eval_loss(reloaded, batch, torch.bfloat16) - trained) > 1e-2
+        assert checks.eval_loss(reloaded, batch, torch.bfloat16) > trained + 0.1  # the adapters learnt the data
 
 
 # ---------------------------------------------------------------------------------------------------------------
