@@ -250,6 +250,7 @@ def compare(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.jsonl").write_text("")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     base = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
