@@ -55,7 +55,7 @@ class DataCollatorForSFT:
     """Pads rows of `input_ids` + `loss_mask` and builds `labels` (-100 where no loss is taken).
 
     Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
-    attention never crosses one: a block-diagonal mask for SDPA/eager, position ids alone for flash-attention
+    attention never crosses one: a block-diagonal mask for SDPA/eager/flex, position ids alone for flash-attention
     (whose varlen kernel reads document boundaries from them).
 
     With `padding_free`, the examples of an unpacked batch are first placed into as few rows as fit its longest
@@ -105,7 +105,8 @@ class DataCollatorForSFT:
             if self.attn_implementation.startswith("flash"):
                 return batch
             mask = block_causal_mask(seq_lengths, width)
-            if self.attn_implementation == "eager":  # eager adds the mask to the scores
+            # eager and flex_attention add a tensor mask to the scores: True/False would add 1/0 and mask nothing.
+            if self.attn_implementation in ("eager", "flex_attention"):
                 mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
             batch["attention_mask"] = mask
             return batch
