@@ -93,7 +93,8 @@ class DataCollatorForSFT:
         batch = {
             "input_ids": input_ids,
             "labels": labels,
-            "num_tokens": torch.tensor(sum(len(r) for r in ids)),
+            # One count per row, so that accelerate can concatenate and slice it like any batched tensor.
+            "num_tokens": torch.tensor([len(r) for r in ids], dtype=torch.long),
         }
         if any("seq_lengths" in f for f in features):
             seq_lengths = [f.get("seq_lengths") or [len(f["input_ids"])] for f in features]

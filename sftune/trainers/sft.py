@@ -263,7 +263,7 @@ class SFTTrainer(Trainer):
 def count_real_tokens(inputs: dict[str, Any]) -> int:
     """Tokens that are not padding: the collator's count, else the 2D attention mask's."""
     if "num_tokens" in inputs:
-        return int(inputs["num_tokens"])
+        return int(inputs["num_tokens"].sum())
     attention = inputs.get("attention_mask")
     if attention is not None and attention.dim() == 2:
         return int(attention.sum())
