@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 DEFAULT_MAX_SEQ_LENGTH_CAP = 1024
-PACKING_STRATEGIES = ("bfd", "wrapped")
+PACKING_STRATEGIES = ("bfd_split", "bfd", "wrapped")
 
 
 def resolve_dtype(value: Any) -> Any:
@@ -59,9 +59,11 @@ class SFTConfig(TrainingArguments):
         metadata={"help": "Pack several examples into each row of the batch."},
     )
     packing_strategy: str = field(
-        default="bfd",
+        default="bfd_split",
         metadata={
-            "help": "'bfd': best-fit-decreasing bins, examples never attend to each other (exact). "
+            "help": "'bfd_split': best-fit-decreasing bins, examples never attend to each other; an example longer "
+            "than max_length is split into max_length pieces, each its own document, so every token is trained. "
+            "'bfd': the same, but over-long examples are truncated (the dropped tokens are counted in the log). "
             "'wrapped': concatenate and cut into fixed blocks (TRL's ConstantLengthDataset behaviour)."
         },
     )

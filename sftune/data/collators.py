@@ -54,6 +54,9 @@ def position_ids_for(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.
 class DataCollatorForSFT:
     """Pads rows of `input_ids` + `loss_mask` and builds `labels` (-100 where no loss is taken).
 
+    A row may bring its own `labels` (already-prepared data, or `IterativeSFTTrainer.step(labels=...)`); they are
+    used as given, and a `loss_mask` beside them still removes tokens from the loss.
+
     Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
     attention never crosses one: a block-diagonal mask for SDPA/eager, position ids alone for flash-attention
     (whose varlen kernel reads document boundaries from them).
@@ -78,6 +81,7 @@ class DataCollatorForSFT:
         self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [as_lists(f) for f in features]
         if self.padding_free and len(features) > 1 and not any("seq_lengths" in f for f in features):
             features = pack_batch(features)
         ids = [f["input_ids"] for f in features]
@@ -86,7 +90,10 @@ class DataCollatorForSFT:
         width = input_ids.shape[1]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for i, (row, mask) in enumerate(zip(ids, masks, strict=True)):
-            row_labels = torch.as_tensor(row, dtype=torch.long)
+            given = features[i].get("labels")
+            if given is not None and len(given) != len(row):
+                raise ValueError(f"Batch row {i} has {len(given)} labels for {len(row)} input_ids; give one per token.")
+            row_labels = torch.as_tensor(row if given is None else given, dtype=torch.long)
             if mask is not None:
                 row_labels = row_labels.masked_fill(torch.as_tensor(mask) == 0, IGNORE_INDEX)
             labels[i, : len(row)] = row_labels
@@ -117,6 +124,13 @@ class DataCollatorForSFT:
         return batch
 
 
+def as_lists(feature: dict[str, Any]) -> dict[str, Any]:
+    """A row whose sequences are plain lists (rows of torch datasets come as tensors)."""
+    keys = ("input_ids", "loss_mask", "labels", "seq_lengths")
+    out = {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in feature.items()}
+    return {key: value for key, value in out.items() if key in keys and value is not None}
+
+
 def pack_batch(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The batch's examples in as few rows as fit its longest example (best fit decreasing), with boundaries."""
     lengths = [len(f["input_ids"]) for f in features]
@@ -126,8 +140,10 @@ def pack_batch(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "input_ids": [t for i in members for t in features[i]["input_ids"]],
             "seq_lengths": [lengths[i] for i in members],
         }
-        if all(features[i].get("loss_mask") is not None for i in members):
-            row["loss_mask"] = [m for i in members for m in features[i]["loss_mask"]]
+        if any(features[i].get("loss_mask") is not None for i in members):
+            row["loss_mask"] = [m for i in members for m in features[i].get("loss_mask") or [1] * lengths[i]]
+        if any(features[i].get("labels") is not None for i in members):
+            row["labels"] = [t for i in members for t in features[i].get("labels") or features[i]["input_ids"]]
         rows.append(row)
     return rows
 

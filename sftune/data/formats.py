@@ -31,14 +31,14 @@ def detect_format(column_names: Sequence[str], text_field: str | None, has_forma
     columns = set(column_names)
     if has_formatting_func:
         return FORMATTING_FUNC
+    if "input_ids" in columns:  # already tokenized: used as is, whatever other columns it keeps
+        return TOKENIZED
     if "messages" in columns:
         return MESSAGES
     if {"prompt", "completion"} <= columns:
         return PROMPT_COMPLETION
     if text_field and text_field in columns:
         return TEXT
-    if "input_ids" in columns:
-        return TOKENIZED
     raise DatasetFormatError(
         f"Cannot tell the dataset's format from its columns {sorted(columns)}. Give it one of: a "
         f"'{text_field or 'text'}' column (plain text; set dataset_text_field to use another column), a 'messages' "

@@ -146,8 +146,8 @@ class SFTTrainer(Trainer):
     def _prepare(
         dataset: Any, tokenizer: Any, args: SFTConfig, formatting_func: Callable | None, packing: bool, name: str
     ) -> Any:
-        if dataset is None:
-            return None
+        if dataset is None or not _is_hf_dataset(dataset):
+            return dataset  # torch datasets (ConstantLengthDataset, ...) yield rows ready for the collator
         options = TokenizeOptions(
             max_length=None if packing and args.packing_strategy == "wrapped" else args.max_seq_length,
             text_field=args.dataset_text_field,
@@ -155,6 +155,7 @@ class SFTTrainer(Trainer):
             completion_only_loss=args.completion_only_loss,
             assistant_only_loss=args.assistant_only_loss,
             truncation_mode=args.truncation_mode,
+            overlong="split" if packing and args.packing_strategy == "bfd_split" else "truncate",
         )
         dataset = prepare_dataset(
             dataset,
@@ -326,6 +327,12 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
+
+
+def _is_hf_dataset(dataset: Any) -> bool:
+    from datasets import Dataset, IterableDataset
+
+    return isinstance(dataset, (Dataset, IterableDataset))
 
 
 def _takes_packed_rows(model: Any) -> bool:
