@@ -172,6 +172,17 @@ class SFTConfig(TrainingArguments):
         return options
 
 
+def convert_training_arguments(args: TrainingArguments, config_class: type) -> Any:
+    """`args` as an instance of `config_class` (SFTConfig, IterativeSFTConfig): plain `TrainingArguments` are
+    copied field by field, the extra fields keeping their defaults."""
+    if isinstance(args, config_class):
+        return args
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
+    return config_class(**{name: getattr(args, name) for name in fields if name in args.to_dict()})
+
+
 def _maybe_json(value: Any, name: str) -> Any:
     """Command lines and YAML give dicts as JSON strings; parse them."""
     if isinstance(value, str):

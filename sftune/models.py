@@ -185,6 +185,17 @@ def resolve_processing_class(processing_class: Any, model_id: str | None) -> Any
     return ensure_pad_token(processing_class)
 
 
+def takes_packed_rows(model: Any) -> bool:
+    """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
 def default_output_dir(model: Any, suffix: str) -> str:
     name = str(model).rstrip("/").split("/")[-1] if isinstance(model, (str, os.PathLike)) else "model"
     return f"{name}-{suffix}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -15,13 +14,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, convert_training_arguments
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..memory import use_memory_efficient_mlp
-from ..models import default_output_dir, resolve_model, resolve_processing_class
+from ..models import default_output_dir, resolve_model, resolve_processing_class, takes_packed_rows
 from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
 
@@ -118,7 +117,7 @@ class SFTTrainer(Trainer):
                 text_tokenizer.pad_token_id,
                 attn_implementation=attn,
                 dtype=dtype,
-                padding_free=args.padding_free and compute_metrics is None and _takes_packed_rows(model),
+                padding_free=args.padding_free and compute_metrics is None and takes_packed_rows(model),
             )
 
         super().__init__(
@@ -278,11 +277,8 @@ def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTC
         raise TypeError(f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
     if args is None:
         args = SFTConfig(output_dir=default_output_dir(model, "SFT"))
-    elif not isinstance(args, SFTConfig):
-        fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        values = {k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")}
-        values = {k: getattr(args, k) for k in values}
-        args = SFTConfig(**values)
+    else:
+        args = convert_training_arguments(args, SFTConfig)
     if legacy_kwargs:
         warnings.warn(
             f"Passing {sorted(legacy_kwargs)} to SFTTrainer is deprecated; set them on SFTConfig instead.",
@@ -333,17 +329,6 @@ def _is_hf_dataset(dataset: Any) -> bool:
     from datasets import Dataset, IterableDataset
 
     return isinstance(dataset, (Dataset, IterableDataset))
-
-
-def _takes_packed_rows(model: Any) -> bool:
-    """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    return "position_ids" in inspect.signature(base.forward).parameters
 
 
 def _is_peft_model(model: Any) -> bool:
