@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import normalize_model_init_kwargs, resolve_dtype
+from ..config import normalize_model_init_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
