@@ -140,9 +140,30 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
             load_in_4bit=bool(kwargs.pop("load_in_4bit", False)),
         )
     check_hardware_requirements(kwargs)
-    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
-    auto_class = AutoModelForSeq2SeqLM if is_seq2seq(str(name_or_path), **config_kwargs) else AutoModelForCausalLM
+    seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
+    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     return auto_class.from_pretrained(name_or_path, **kwargs)
+
+
+# `from_pretrained` arguments that say where and how to find a checkpoint's files: the config and tokenizer loads
+# need them as much as the model load does (a GGUF file, a subfolder, a private repo's token, a revision...).
+LOCATION_KWARGS = (
+    "revision",
+    "trust_remote_code",
+    "subfolder",
+    "gguf_file",
+    "token",
+    "use_auth_token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
+
+
+def location_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of `model_init_kwargs` that also applies to loading the config and the tokenizer."""
+    return {k: v for k, v in (model_init_kwargs or {}).items() if k in LOCATION_KWARGS}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -176,12 +197,15 @@ def resolve_model(model: Any, model_init_kwargs: dict[str, Any] | None) -> tuple
     return model, model_name_or_path(model) if model is not None else None
 
 
-def resolve_processing_class(processing_class: Any, model_id: str | None) -> Any:
-    """The given tokenizer/processor, else the one saved with the model; with a pad token either way."""
+def resolve_processing_class(
+    processing_class: Any, model_id: str | None, model_init_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """The given tokenizer/processor, else the one saved with the model (found with the model's location
+    arguments: subfolder, gguf_file, revision, token...); with a pad token either way."""
     if processing_class is None:
         if model_id is None:
             raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
-        return load_tokenizer(model_id)
+        return load_tokenizer(model_id, **location_kwargs(model_init_kwargs))
     return ensure_pad_token(processing_class)
 
 

@@ -56,7 +56,7 @@ class IterativeSFTTrainer(Trainer):
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
         model, model_id = resolve_model(model, args.model_init_kwargs)
         processing_class = resolve_processing_class(
-            processing_class if processing_class is not None else tokenizer, model_id
+            processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs
         )
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))

@@ -85,7 +85,7 @@ class SFTTrainer(Trainer):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
         processing_class = resolve_processing_class(
-            processing_class if processing_class is not None else tokenizer, model_id
+            processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs
         )
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.max_seq_length is None:
