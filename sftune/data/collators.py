@@ -16,18 +16,23 @@ import torch
 from .packing import best_fit_decreasing
 
 IGNORE_INDEX = -100
+# DataCollatorForLanguageModeling arguments that TRL's collator passed on and that do not apply here.
+LANGUAGE_MODELING_KWARGS = ("mlm_probability", "seed", "tf_experimental_compile")
 
 logger = logging.getLogger(__name__)
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
-    """Right-pad lists of ints into one (batch, longest) tensor."""
+def pad_rows(
+    rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None, side: str = "right"
+) -> torch.Tensor:
+    """Pad lists of ints (on the right, or the left) into one (batch, longest) tensor."""
     longest = max(len(row) for row in rows)
     if multiple_of:
         longest = -(-longest // multiple_of) * multiple_of
     out = torch.full((len(rows), longest), value, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        place = slice(None, len(row)) if side == "right" else slice(longest - len(row), None)
+        out[i, place] = torch.as_tensor(row, dtype=torch.long)
     return out
 
 
@@ -156,6 +161,10 @@ class DataCollatorForCompletionOnlyLM:
     a newline or a space, so the context-dependent tokenization the TRL docs warn about (Llama-2's
     "### Assistant:") is found without hand-made token ids. A row where the template is not found is left out of
     the loss entirely, with a warning: the collator never trains silently on the prompt.
+
+    Rows are padded on the tokenizer's `padding_side`. With `padding_free=True` the examples share rows instead
+    (as `DataCollatorForSFT` packs them): positions restart at each example and a block-diagonal attention mask
+    keeps examples from attending to each other.
     """
 
     def __init__(
@@ -167,14 +176,26 @@ class DataCollatorForCompletionOnlyLM:
         mlm: bool = False,
         ignore_index: int = IGNORE_INDEX,
         pad_to_multiple_of: int | None = None,
+        padding_free: bool = False,
+        return_tensors: str = "pt",
         **kwargs: Any,
     ) -> None:
         if tokenizer is None and args:
             tokenizer, *args = args
+        unknown = set(kwargs) - set(LANGUAGE_MODELING_KWARGS)
+        if args or unknown:
+            given = sorted(unknown) if unknown else f"{len(args)} extra positional arguments"
+            raise TypeError(
+                f"DataCollatorForCompletionOnlyLM got unexpected arguments {given}. It takes response_template, "
+                "instruction_template, tokenizer, mlm, ignore_index, pad_to_multiple_of, padding_free and "
+                f"return_tensors (and ignores {list(LANGUAGE_MODELING_KWARGS)})."
+            )
         if tokenizer is None:
             raise ValueError("DataCollatorForCompletionOnlyLM needs the tokenizer: pass tokenizer=...")
         if mlm:
             raise ValueError("DataCollatorForCompletionOnlyLM is for causal language modelling; mlm must be False.")
+        if return_tensors != "pt":
+            raise ValueError(f"DataCollatorForCompletionOnlyLM returns PyTorch tensors only, not {return_tensors!r}.")
         self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
@@ -184,19 +205,33 @@ class DataCollatorForCompletionOnlyLM:
         )
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [list(f["input_ids"]) for f in features]
+        ids = [as_lists(f)["input_ids"] for f in features]
         # Padding is known by position, so any id pads; the tokenizer may get its pad token only later.
         pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
-        input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of)
-        labels = torch.full_like(input_ids, self.ignore_index)
-        attention = torch.zeros_like(input_ids)
+        targets = []
         for i, row in enumerate(ids):
-            attention[i, : len(row)] = 1
+            target = [self.ignore_index] * len(row)
             for start, end in self.trainable_spans(row, i):
-                labels[i, start:end] = torch.as_tensor(row[start:end])
+                target[start:end] = row[start:end]
+            targets.append(target)
+        if self.padding_free:
+            collate = DataCollatorForSFT(pad_id, self.pad_to_multiple_of, padding_free=True)
+            batch = collate([{"input_ids": row, "labels": target} for row, target in zip(ids, targets, strict=True)])
+            batch.pop("num_tokens")
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, self.ignore_index)
+            return batch
+        side = getattr(self.tokenizer, "padding_side", "right")
+        input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of, side)
+        labels = pad_rows(targets, self.ignore_index, self.pad_to_multiple_of, side)
+        attention = pad_rows([[1] * len(row) for row in ids], 0, self.pad_to_multiple_of, side)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def torch_call(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """`DataCollatorForLanguageModeling`'s name for the PyTorch collation."""
+        return self(features)
 
     def trainable_spans(self, row: list[int], index: int) -> list[tuple[int, int]]:
         responses = find_all(row, self.response_candidates)
