@@ -204,6 +204,8 @@ def prepare_dataset(
         raise DatasetFormatError(f"The {name} dataset is empty; give it at least one row.")
     columns = list(dataset.column_names or next(iter(dataset)).keys())
     fmt = formats.detect_format(columns, options.text_field, formatting_func is not None)
+    if fmt == formats.SHAREGPT:
+        dataset, columns, fmt = _sharegpt_as_messages(dataset, columns, is_map_style), ["messages"], formats.MESSAGES
     # Rows are tokenized whole, then fitted to max_length by `fit_to_max_length`, where what is cut is counted.
     whole = dataclasses.replace(options, max_length=None)
     if fmt == formats.TOKENIZED:
@@ -235,6 +237,19 @@ def prepare_dataset(
 
 
 DROPPED = "_tokens_dropped"
+
+
+def _sharegpt_as_messages(dataset: Any, columns: list[str], is_map_style: bool) -> Any:
+    """Keep only the conversations, as `messages`; other columns (e.g. `tools`) are not ShareGPT's."""
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        pairs = zip(batch["conversations"], indices, strict=True)
+        return {"messages": [formats.sharegpt_to_messages(conversation, row) for conversation, row in pairs]}
+
+    kwargs: dict[str, Any] = {"batched": True, "with_indices": True, "remove_columns": columns}
+    if is_map_style:
+        kwargs["desc"] = "Converting ShareGPT conversations to messages"
+    return dataset.map(convert, **kwargs)
 
 
 def fit_to_max_length(
