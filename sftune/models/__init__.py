@@ -209,6 +209,16 @@ def resolve_processing_class(
     return ensure_pad_token(processing_class)
 
 
+MODEL_TAGS = ("sft", "sftune")
+
+
+def tag_model(model: Any) -> None:
+    """Add sftune's tags to `model.model_tags` (the hub and the model card show them)."""
+    for target in (model, model.get_base_model() if hasattr(model, "get_base_model") else None):
+        if hasattr(target, "add_model_tags"):
+            target.add_model_tags(list(MODEL_TAGS))
+
+
 def takes_packed_rows(model: Any) -> bool:
     """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
     import inspect

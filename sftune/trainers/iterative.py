@@ -25,7 +25,7 @@ from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
 from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
-from ..models import default_output_dir, resolve_model, resolve_processing_class, takes_packed_rows
+from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class IterativeSFTTrainer(Trainer):
             processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs
         )
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        tag_model(model)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if data_collator is None:
             # SFTTrainer's collator: padding-free rows, documents isolated, labels from the loss mask.

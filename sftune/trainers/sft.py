@@ -20,7 +20,7 @@ from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..memory import use_memory_efficient_mlp
-from ..models import default_output_dir, resolve_model, resolve_processing_class, takes_packed_rows
+from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
 
@@ -93,6 +93,7 @@ class SFTTrainer(Trainer):
 
         if model is not None:
             model = _prepare_peft_model(model, peft_config, args)
+            tag_model(model)
             _maybe_enable_liger(args)
             if args.memory_efficient_mlp and not args.use_liger_kernel:
                 use_memory_efficient_mlp(model)
