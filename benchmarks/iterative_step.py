@@ -2,7 +2,7 @@
 
     PYTHONPATH=<checkout> .venv/bin/python benchmarks/iterative_step.py [--steps 3] [--batch 8]
 
-Each step() call trains on `batch` texts of mixed lengths (about 10 to 300 tokens) as one mini-batch, so every
+Each step() call trains on `batch` texts of mixed lengths (about 10 to 200 tokens) as one mini-batch, so every
 call is one optimizer step. The first call is a warm-up and is not timed. Prints one JSON line: seconds per
 step(), trained tokens per second, and the process's peak resident memory (ru_maxrss).
 """
@@ -24,12 +24,12 @@ WORDS = "the a model learns to answer short questions about colours numbers and 
 
 def mixed_texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.choice([8, 30, 80, 250]))) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.choice([8, 30, 80, 160]))) for _ in range(n)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     config = IterativeSFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,

@@ -1,8 +1,12 @@
 """IterativeSFTTrainer: optimisation steps on data you produce between steps (generate, filter, train).
 
+`step()` uses SFTTrainer's data pipeline: texts become segments, are tokenized by `tokenize_rows` (special tokens,
+EOS, loss mask), collated by `DataCollatorForSFT` into padding-free rows, and the loss is the prepared model's own
+forward with labels, so masks, speed, memory and loss are those of SFTTrainer.
+
 Unlike the TRL version it re-implements, the learning-rate schedule works without `max_steps`, caller labels
-and `texts_labels` are honoured, `max_length` cuts tokens (not batch rows), `save_steps` saves resumable
-checkpoints, and `step()` returns its statistics.
+and `texts_labels` are honoured, `max_length` cuts tokens (not batch rows, and says so), `save_steps` saves
+resumable checkpoints, and `step()` returns its statistics.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class IterativeSFTTrainer(Trainer):
                     self.tokenizer.pad_token_id,
                     attn_implementation=getattr(model.config, "_attn_implementation", None),
                     dtype=getattr(model, "dtype", torch.float32),
-                    padding_free=takes_packed_rows(model),
+                    padding_free=compute_metrics is None and takes_packed_rows(model),
                 )
             )
         elif not self.is_encoder_decoder:
@@ -239,6 +243,10 @@ class IterativeSFTTrainer(Trainer):
                     cut, len(examples), limit, dropped, self.args.truncation_mode,
                 )  # fmt: skip
         return out
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # The collator's token count is for statistics (step() reads it); the model's forward does not take it.
+        return super()._prepare_inputs({key: value for key, value in inputs.items() if key != "num_tokens"})
 
     def collate_seq2seq(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return {

