@@ -55,13 +55,7 @@ def smollm2_path(install: bool = True) -> Path:
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained; rebuild it from a quantizer-free config.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.generation_config = gguf_model.generation_config
+    model = plain_copy_of_gguf_model(gguf_model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
     model.save_pretrained(staging)
@@ -70,6 +64,21 @@ def smollm2_path(install: bool = True) -> Path:
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def plain_copy_of_gguf_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
+    """The same model without the GGUF quantizer mark.
+
+    transformers dequantizes GGUF weights on load but keeps the model marked as quantized, so the Trainer refuses to
+    train it and save_pretrained refuses to save it; a copy built from a quantizer-free config does neither."""
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)._from_config(config, dtype=gguf_model.dtype)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.config._name_or_path = gguf_model.config._name_or_path
+    return model
 
 
 def _find_smollm2_gguf(install: bool) -> Path:
@@ -142,7 +151,8 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
     check_hardware_requirements(kwargs)
     seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    return auto_class.from_pretrained(name_or_path, **kwargs)
+    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    return plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
 
 
 # `from_pretrained` arguments that say where and how to find a checkpoint's files: the config and tokenizer loads
