@@ -47,7 +47,9 @@ class SFTConfig(TrainingArguments):
     - batches are padded to their longest row, not to `max_seq_length` (same result, less compute), and by
       default (`padding_free=True`) a batch's examples share rows, isolated from each other, so little is padded;
     - the loss is computed in chunks over labelled tokens only (`loss_chunk_size`), never holding full logits;
-    - `packing=True` packs exactly: documents in one row never attend to each other (see `sftune.data.packing`).
+    - `packing=True` packs exactly: documents in one row never attend to each other (see `sftune.data.packing`),
+      and by default (`packing_strategy="bfd_split"`) an example longer than `max_length` is split into pieces
+      rather than truncated, so no token is lost; wherever truncation drops tokens, the log says how many.
     """
 
     dataset_text_field: str = field(
