@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 CHATML_TEMPLATE = (
@@ -11,6 +12,31 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 FORMATS = {"chatml": {"bos": "<|im_start|>", "eos": "<|im_end|>", "template": CHATML_TEMPLATE}}
+
+
+@dataclass
+class ChatMlSpecialTokens:
+    """The ChatML format's special tokens and template (what `setup_chat_format(..., "chatml")` installs)."""
+
+    bos_token: str = "<|im_start|>"
+    eos_token: str = "<|im_end|>"
+    pad_token: str = "<|im_end|>"
+
+    @property
+    def system(self) -> str:
+        return f"{self.bos_token}system"
+
+    @property
+    def user(self) -> str:
+        return f"{self.bos_token}user"
+
+    @property
+    def assistant(self) -> str:
+        return f"{self.bos_token}assistant"
+
+    @property
+    def chat_template(self) -> str:
+        return CHATML_TEMPLATE
 
 
 def setup_chat_format(

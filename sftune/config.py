@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 DEFAULT_MAX_SEQ_LENGTH_CAP = 1024
-PACKING_STRATEGIES = ("bfd", "wrapped")
+PACKING_STRATEGIES = ("bfd_split", "bfd", "wrapped")
 
 
 def resolve_dtype(value: Any) -> Any:
@@ -47,7 +47,9 @@ class SFTConfig(TrainingArguments):
     - batches are padded to their longest row, not to `max_seq_length` (same result, less compute), and by
       default (`padding_free=True`) a batch's examples share rows, isolated from each other, so little is padded;
     - the loss is computed in chunks over labelled tokens only (`loss_chunk_size`), never holding full logits;
-    - `packing=True` packs exactly: documents in one row never attend to each other (see `sftune.data.packing`).
+    - `packing=True` packs exactly: documents in one row never attend to each other (see `sftune.data.packing`),
+      and by default (`packing_strategy="bfd_split"`) an example longer than `max_length` is split into pieces
+      rather than truncated, so no token is lost; wherever truncation drops tokens, the log says how many.
     """
 
     dataset_text_field: str = field(
@@ -59,9 +61,11 @@ class SFTConfig(TrainingArguments):
         metadata={"help": "Pack several examples into each row of the batch."},
     )
     packing_strategy: str = field(
-        default="bfd",
+        default="bfd_split",
         metadata={
-            "help": "'bfd': best-fit-decreasing bins, examples never attend to each other (exact). "
+            "help": "'bfd_split': best-fit-decreasing bins, examples never attend to each other; an example longer "
+            "than max_length is split into max_length pieces, each its own document, so every token is trained. "
+            "'bfd': the same, but over-long examples are truncated (the dropped tokens are counted in the log). "
             "'wrapped': concatenate and cut into fixed blocks (TRL's ConstantLengthDataset behaviour)."
         },
     )
@@ -176,6 +180,17 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"Unknown dataset_kwargs {sorted(unknown)}; known keys: {sorted(options)}.")
         options.update(self.dataset_kwargs or {})
         return options
+
+
+def convert_training_arguments(args: TrainingArguments, config_class: type) -> Any:
+    """`args` as an instance of `config_class` (SFTConfig, IterativeSFTConfig): plain `TrainingArguments` are
+    copied field by field, the extra fields keeping their defaults."""
+    if isinstance(args, config_class):
+        return args
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
+    return config_class(**{name: getattr(args, name) for name in fields if name in args.to_dict()})
 
 
 def _maybe_json(value: Any, name: str) -> Any:

@@ -16,18 +16,23 @@ import torch
 from .packing import best_fit_decreasing
 
 IGNORE_INDEX = -100
+# DataCollatorForLanguageModeling arguments that TRL's collator passed on and that do not apply here.
+LANGUAGE_MODELING_KWARGS = ("mlm_probability", "seed", "tf_experimental_compile")
 
 logger = logging.getLogger(__name__)
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
-    """Right-pad lists of ints into one (batch, longest) tensor."""
+def pad_rows(
+    rows: Sequence[Sequence[int]], value: int, multiple_of: int | None = None, side: str = "right"
+) -> torch.Tensor:
+    """Pad lists of ints (on the right, or the left) into one (batch, longest) tensor."""
     longest = max(len(row) for row in rows)
     if multiple_of:
         longest = -(-longest // multiple_of) * multiple_of
     out = torch.full((len(rows), longest), value, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        place = slice(None, len(row)) if side == "right" else slice(longest - len(row), None)
+        out[i, place] = torch.as_tensor(row, dtype=torch.long)
     return out
 
 
@@ -54,6 +59,9 @@ def position_ids_for(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.
 class DataCollatorForSFT:
     """Pads rows of `input_ids` + `loss_mask` and builds `labels` (-100 where no loss is taken).
 
+    A row may bring its own `labels` (already-prepared data, or `IterativeSFTTrainer.step(labels=...)`); they are
+    used as given, and a `loss_mask` beside them still removes tokens from the loss.
+
     Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
     attention never crosses one: a block-diagonal mask for SDPA/eager/flex, position ids alone for flash-attention
     (whose varlen kernel reads document boundaries from them).
@@ -78,6 +86,7 @@ class DataCollatorForSFT:
         self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [as_lists(f) for f in features]
         if self.padding_free and len(features) > 1 and not any("seq_lengths" in f for f in features):
             features = pack_batch(features)
         ids = [f["input_ids"] for f in features]
@@ -86,14 +95,18 @@ class DataCollatorForSFT:
         width = input_ids.shape[1]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for i, (row, mask) in enumerate(zip(ids, masks, strict=True)):
-            row_labels = torch.as_tensor(row, dtype=torch.long)
+            given = features[i].get("labels")
+            if given is not None and len(given) != len(row):
+                raise ValueError(f"Batch row {i} has {len(given)} labels for {len(row)} input_ids; give one per token.")
+            row_labels = torch.as_tensor(row if given is None else given, dtype=torch.long)
             if mask is not None:
                 row_labels = row_labels.masked_fill(torch.as_tensor(mask) == 0, IGNORE_INDEX)
             labels[i, : len(row)] = row_labels
         batch = {
             "input_ids": input_ids,
             "labels": labels,
-            "num_tokens": torch.tensor(sum(len(r) for r in ids)),
+            # One count per row, so that accelerate can concatenate and slice it like any batched tensor.
+            "num_tokens": torch.tensor([len(r) for r in ids], dtype=torch.long),
         }
         if any("seq_lengths" in f for f in features):
             seq_lengths = [f.get("seq_lengths") or [len(f["input_ids"])] for f in features]
@@ -117,6 +130,13 @@ class DataCollatorForSFT:
         return batch
 
 
+def as_lists(feature: dict[str, Any]) -> dict[str, Any]:
+    """A row whose sequences are plain lists (rows of torch datasets come as tensors)."""
+    keys = ("input_ids", "loss_mask", "labels", "seq_lengths")
+    out = {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in feature.items()}
+    return {key: value for key, value in out.items() if key in keys and value is not None}
+
+
 def pack_batch(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The batch's examples in as few rows as fit its longest example (best fit decreasing), with boundaries."""
     lengths = [len(f["input_ids"]) for f in features]
@@ -126,8 +146,10 @@ def pack_batch(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "input_ids": [t for i in members for t in features[i]["input_ids"]],
             "seq_lengths": [lengths[i] for i in members],
         }
-        if all(features[i].get("loss_mask") is not None for i in members):
-            row["loss_mask"] = [m for i in members for m in features[i]["loss_mask"]]
+        if any(features[i].get("loss_mask") is not None for i in members):
+            row["loss_mask"] = [m for i in members for m in features[i].get("loss_mask") or [1] * lengths[i]]
+        if any(features[i].get("labels") is not None for i in members):
+            row["labels"] = [t for i in members for t in features[i].get("labels") or features[i]["input_ids"]]
         rows.append(row)
     return rows
 
@@ -140,6 +162,10 @@ class DataCollatorForCompletionOnlyLM:
     a newline or a space, so the context-dependent tokenization the TRL docs warn about (Llama-2's
     "### Assistant:") is found without hand-made token ids. A row where the template is not found is left out of
     the loss entirely, with a warning: the collator never trains silently on the prompt.
+
+    Rows are padded on the tokenizer's `padding_side`. With `padding_free=True` the examples share rows instead
+    (as `DataCollatorForSFT` packs them): positions restart at each example and a block-diagonal attention mask
+    keeps examples from attending to each other.
     """
 
     def __init__(
@@ -151,14 +177,26 @@ class DataCollatorForCompletionOnlyLM:
         mlm: bool = False,
         ignore_index: int = IGNORE_INDEX,
         pad_to_multiple_of: int | None = None,
+        padding_free: bool = False,
+        return_tensors: str = "pt",
         **kwargs: Any,
     ) -> None:
         if tokenizer is None and args:
             tokenizer, *args = args
+        unknown = set(kwargs) - set(LANGUAGE_MODELING_KWARGS)
+        if args or unknown:
+            given = sorted(unknown) if unknown else f"{len(args)} extra positional arguments"
+            raise TypeError(
+                f"DataCollatorForCompletionOnlyLM got unexpected arguments {given}. It takes response_template, "
+                "instruction_template, tokenizer, mlm, ignore_index, pad_to_multiple_of, padding_free and "
+                f"return_tensors (and ignores {list(LANGUAGE_MODELING_KWARGS)})."
+            )
         if tokenizer is None:
             raise ValueError("DataCollatorForCompletionOnlyLM needs the tokenizer: pass tokenizer=...")
         if mlm:
             raise ValueError("DataCollatorForCompletionOnlyLM is for causal language modelling; mlm must be False.")
+        if return_tensors != "pt":
+            raise ValueError(f"DataCollatorForCompletionOnlyLM returns PyTorch tensors only, not {return_tensors!r}.")
         self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
@@ -168,19 +206,33 @@ class DataCollatorForCompletionOnlyLM:
         )
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [list(f["input_ids"]) for f in features]
+        ids = [as_lists(f)["input_ids"] for f in features]
         # Padding is known by position, so any id pads; the tokenizer may get its pad token only later.
         pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
-        input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of)
-        labels = torch.full_like(input_ids, self.ignore_index)
-        attention = torch.zeros_like(input_ids)
+        targets = []
         for i, row in enumerate(ids):
-            attention[i, : len(row)] = 1
+            target = [self.ignore_index] * len(row)
             for start, end in self.trainable_spans(row, i):
-                labels[i, start:end] = torch.as_tensor(row[start:end])
+                target[start:end] = row[start:end]
+            targets.append(target)
+        if self.padding_free:
+            collate = DataCollatorForSFT(pad_id, self.pad_to_multiple_of, padding_free=True)
+            batch = collate([{"input_ids": row, "labels": target} for row, target in zip(ids, targets, strict=True)])
+            batch.pop("num_tokens")
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, self.ignore_index)
+            return batch
+        side = getattr(self.tokenizer, "padding_side", "right")
+        input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of, side)
+        labels = pad_rows(targets, self.ignore_index, self.pad_to_multiple_of, side)
+        attention = pad_rows([[1] * len(row) for row in ids], 0, self.pad_to_multiple_of, side)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def torch_call(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """`DataCollatorForLanguageModeling`'s name for the PyTorch collation."""
+        return self(features)
 
     def trainable_spans(self, row: list[int], index: int) -> list[tuple[int, int]]:
         responses = find_all(row, self.response_candidates)

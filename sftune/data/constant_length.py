@@ -16,8 +16,15 @@ import torch
 from torch.utils.data import IterableDataset
 
 
+def is_token_ids(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1 and not value.is_floating_point()
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) for t in value)
+
+
 class ConstantLengthDataset(IterableDataset):
-    """Yields `{"input_ids", "labels"}` blocks of exactly `seq_length` tokens from a dataset of texts.
+    """Yields `{"input_ids", "labels"}` blocks of exactly `seq_length` tokens from a dataset of texts (or of token
+    ids, when `formatting_func` returns them: those are used as they are).
 
     Texts are read `num_of_sequences * seq_length * chars_per_token` characters at a time, tokenized, joined
     with `eos_token_id` (when `append_concat_token`), cut into blocks (the remainder of each buffer is dropped)
@@ -46,6 +53,7 @@ class ConstantLengthDataset(IterableDataset):
         self.formatting_func = formatting_func or (lambda example: example[dataset_text_field])
         self.infinite = infinite
         self.seq_length = seq_length
+        self.chars_per_token = chars_per_token
         self.max_buffer_size = int(seq_length * chars_per_token * num_of_sequences)
         self.concat_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos_token_id
         self.shuffle = shuffle
@@ -70,15 +78,26 @@ class ConstantLengthDataset(IterableDataset):
                     warnings.warn("ConstantLengthDataset: the dataset is exhausted; starting over.", stacklevel=2)
                     iterator = iter(self.dataset)
                     continue
-                if not isinstance(text, str):
-                    raise ValueError(f"The text of an example must be a string, got {type(text).__name__}.")
+                if isinstance(text, str):
+                    size += len(text)
+                elif is_token_ids(text):  # already tokenized by formatting_func
+                    text = [int(t) for t in text]
+                    size += len(text) * self.chars_per_token
+                else:
+                    raise ValueError(
+                        "formatting_func must return the example's text (a string) or its token ids (a list of "
+                        f"ints), got {type(text).__name__}."
+                    )
                 buffer.append(text)
-                size += len(text)
             if not buffer:
                 return
-            tokenized = self.tokenizer(buffer, add_special_tokens=self.add_special_tokens, truncation=False)[
-                "input_ids"
-            ]
+            texts = [text for text in buffer if isinstance(text, str)]
+            encoded = iter(
+                self.tokenizer(texts, add_special_tokens=self.add_special_tokens, truncation=False)["input_ids"]
+                if texts
+                else []
+            )
+            tokenized = [next(encoded) if isinstance(text, str) else text for text in buffer]
             stream: list[int] = []
             for ids in tokenized:
                 stream += ids + ([self.concat_token_id] if self.append_concat_token else [])

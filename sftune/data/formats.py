@@ -17,6 +17,7 @@ Segments = list[tuple[str, bool]]
 
 TEXT = "text"
 MESSAGES = "messages"
+SHAREGPT = "conversations"  # ShareGPT's `conversations` column; converted to `messages` before use
 PROMPT_COMPLETION = "prompt_completion"
 FORMATTING_FUNC = "formatting_func"
 TOKENIZED = "tokenized"
@@ -33,20 +34,50 @@ def detect_format(column_names: Sequence[str], text_field: str | None, has_forma
     columns = set(column_names)
     if has_formatting_func:
         return FORMATTING_FUNC
+    if "input_ids" in columns:  # already tokenized: used as is, whatever other columns it keeps
+        return TOKENIZED
     if "messages" in columns:
         return MESSAGES
+    if "conversations" in columns:
+        return SHAREGPT
     if {"prompt", "completion"} <= columns:
         return PROMPT_COMPLETION
     if text_field and text_field in columns:
         return TEXT
-    if "input_ids" in columns:
-        return TOKENIZED
     raise DatasetFormatError(
         f"Cannot tell the dataset's format from its columns {sorted(columns)}. Give it one of: a "
         f"'{text_field or 'text'}' column (plain text; set dataset_text_field to use another column), a 'messages' "
         "column (conversations), 'prompt' and 'completion' columns, an 'input_ids' column (already tokenized), "
         "or pass formatting_func to build the text from your columns."
     )
+
+
+# ShareGPT speaker names -> chat-template roles (names that already are roles map to themselves).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+
+
+def sharegpt_to_messages(conversation: Any, row: int) -> list[dict[str, Any]]:
+    """A ShareGPT conversation (`[{"from": "human", "value": ...}, ...]`) as chat messages (`role`/`content`).
+
+    Turns that already have `role`/`content` are kept as they are."""
+    if not isinstance(conversation, list):
+        raise DatasetFormatError(
+            f"Row {row}, column 'conversations': expected a list of turns, got {type(conversation).__name__}."
+        )
+    messages = []
+    for i, turn in enumerate(conversation):
+        if isinstance(turn, dict) and turn.get("role") is not None:
+            messages.append({"role": turn["role"], "content": turn.get("content")})
+            continue
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = SHAREGPT_ROLES.get(speaker, speaker if speaker in KNOWN_ROLES else None)
+        if role is None:
+            raise DatasetFormatError(
+                f"Row {row}, column 'conversations', turn {i}: unknown speaker {speaker!r}. ShareGPT turns need "
+                f"'from' (one of {sorted(SHAREGPT_ROLES)}) and 'value'; or give 'role' and 'content'."
+            )
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
 
 
 def formatting_func_is_batched(formatting_func: Callable, first_example: dict[str, Any]) -> bool:

@@ -46,8 +46,9 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 def pack_dataset(dataset: Any, max_length: int, strategy: str = "bfd", seed: int = 0) -> Any:
     """Pack a prepared dataset (`input_ids`, `loss_mask`) into rows of at most `max_length` tokens.
 
-    "bfd": whole examples in best-fit-decreasing bins. "wrapped": examples concatenated in order and cut every
-    `max_length` tokens; a cut example continues in the next row as its own document.
+    "bfd" (and "bfd_split", whose over-long examples were split into pieces while tokenizing): whole examples in
+    best-fit-decreasing bins. "wrapped": examples concatenated in order and cut every `max_length` tokens; a cut
+    example continues in the next row as its own document.
     """
     from datasets import Dataset, IterableDataset
 
@@ -59,7 +60,7 @@ def pack_dataset(dataset: Any, max_length: int, strategy: str = "bfd", seed: int
         table.column("loss_mask").combine_chunks(),
     )
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
-    if strategy == "bfd":
+    if strategy in ("bfd", "bfd_split"):
         bins = best_fit_decreasing(lengths, max_length)
         order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
         items_per_bin = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
@@ -75,7 +76,7 @@ def pack_dataset(dataset: Any, max_length: int, strategy: str = "bfd", seed: int
         packed_masks = pa.ListArray.from_arrays(row_offsets, flat_masks)
         seq_lengths = pa.array(_wrapped_seq_lengths(lengths, max_length, total))
     else:
-        raise ValueError(f"Unknown packing strategy {strategy!r}; use 'bfd' or 'wrapped'.")
+        raise ValueError(f"Unknown packing strategy {strategy!r}; use 'bfd_split', 'bfd' or 'wrapped'.")
     packed = pa.table({"input_ids": packed_ids, "loss_mask": packed_masks, "seq_lengths": seq_lengths})
     return Dataset(packed)
 

@@ -8,10 +8,13 @@ segments only decide the mask, through the fast tokenizer's character offsets (r
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow.compute as pc
 
 from . import formats
 from .formats import DatasetFormatError, Segments
@@ -30,6 +33,9 @@ class TokenizeOptions:
     assistant_only_loss: bool = False
     truncation_mode: str = "keep_start"
     assistant_turns_as_examples: bool = False
+    # What happens to an example longer than max_length: "truncate" (tokens dropped, and counted) or "split" into
+    # max_length pieces, each its own example that keeps its loss mask (used by packing_strategy="bfd_split").
+    overlong: str = "truncate"
 
 
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -211,11 +217,16 @@ def prompt_then_completion(
     return prompt + tail, [int(trainable[0])] * len(prompt) + [int(any(trainable[1:]))] * len(tail)
 
 
+def kept_slice(length: int, limit: int, truncation_mode: str) -> slice:
+    """The part of a `length`-token sequence that truncation to `limit` tokens keeps."""
+    return slice(None, limit) if truncation_mode == "keep_start" else slice(max(length - limit, 0), None)
+
+
 def truncate(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> tuple[list[int], list[int]]:
     limit = options.max_length
     if limit is None or len(ids) <= limit:
         return ids, mask
-    kept = slice(None, limit) if options.truncation_mode == "keep_start" else slice(len(ids) - limit, None)
+    kept = kept_slice(len(ids), limit, options.truncation_mode)
     kept_mask = mask[kept]
     if any(mask) and not any(kept_mask):
         prompt_tokens = mask.index(1) if options.truncation_mode == "keep_start" else len(ids) - limit
@@ -255,7 +266,9 @@ def make_tokenize_function(
             for example_row in row_examples(example, row, fmt, tokenizer, options, text):
                 rows.append(example_row)
                 numbers.append(row)  # one row can give several examples (assistant_turns_as_examples)
-        return tokenize_rows(rows, tokenizer, options, indices[0], numbers)
+        out = tokenize_rows(rows, tokenizer, options, indices[0], numbers)
+        out[SOURCE_ROW] = numbers
+        return out
 
     return tokenize_batch
 
@@ -273,7 +286,10 @@ def pretokenized_function(
             ids, mask = truncate(list(ids), mask, options, indices[i])
             out_ids.append(ids)
             out_masks.append(mask)
-        return {"input_ids": out_ids, "loss_mask": out_masks}
+        out = {"input_ids": out_ids, "loss_mask": out_masks}
+        if batch.get("labels") is not None:  # the caller's own labels, kept beside the ids they belong to
+            out["labels"] = [list(labels) for labels in batch["labels"]]
+        return out
 
     return passthrough
 
@@ -295,14 +311,18 @@ def prepare_dataset(
         raise DatasetFormatError(f"The {name} dataset is empty; give it at least one row.")
     columns = list(dataset.column_names or next(iter(dataset)).keys())
     fmt = formats.detect_format(columns, options.text_field, formatting_func is not None)
+    if fmt == formats.SHAREGPT:
+        dataset, columns, fmt = _sharegpt_as_messages(dataset, columns, is_map_style), ["messages"], formats.MESSAGES
+    # Rows are tokenized whole, then fitted to max_length by `fit_to_max_length`, where what is cut is counted.
+    whole = dataclasses.replace(options, max_length=None)
     if fmt == formats.TOKENIZED:
-        function = pretokenized_function(options)
+        function = pretokenized_function(whole)
     else:
         batched_func = False
         if formatting_func is not None:
             first = dataset[0] if is_map_style else next(iter(dataset))
             batched_func = formats.formatting_func_is_batched(formatting_func, first)
-        function = make_tokenize_function(fmt, tokenizer, options, formatting_func, batched_func)
+        function = make_tokenize_function(fmt, tokenizer, whole, formatting_func, batched_func)
     map_kwargs: dict[str, Any] = {
         "batched": True,
         "batch_size": batch_size,
@@ -312,4 +332,99 @@ def prepare_dataset(
     if is_map_style:
         map_kwargs.update(num_proc=num_proc, desc=f"Tokenizing {name} dataset ({fmt})")
     logger.info("Preparing the %s dataset: format %s", name, fmt)
-    return dataset.map(function, **map_kwargs)
+    stream_report = None if is_map_style else StreamTruncationReport(name, options)
+    prepared = dataset.map(fit_to_max_length(function, options, stream_report), **map_kwargs)
+    if is_map_style:
+        dropped = prepared.with_format("arrow")[:].column(DROPPED)
+        report_truncation(name, options, pc.sum(pc.greater(dropped, 0)).as_py(), pc.sum(dropped).as_py() or 0)
+        prepared = prepared.remove_columns(DROPPED)
+    return prepared
+
+
+DROPPED = "_tokens_dropped"
+SOURCE_ROW = "_source_row"  # the dataset row each tokenized example came from (one row may give several)
+
+
+def _sharegpt_as_messages(dataset: Any, columns: list[str], is_map_style: bool) -> Any:
+    """Keep only the conversations, as `messages`; other columns (e.g. `tools`) are not ShareGPT's."""
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        pairs = zip(batch["conversations"], indices, strict=True)
+        return {"messages": [formats.sharegpt_to_messages(conversation, row) for conversation, row in pairs]}
+
+    kwargs: dict[str, Any] = {"batched": True, "with_indices": True, "remove_columns": columns}
+    if is_map_style:
+        kwargs["desc"] = "Converting ShareGPT conversations to messages"
+    return dataset.map(convert, **kwargs)
+
+
+def fit_to_max_length(
+    function: Callable[[dict[str, list], list[int]], dict[str, list]],
+    options: TokenizeOptions,
+    stream_report: StreamTruncationReport | None = None,
+) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """Wrap a tokenize function so that every row fits in `options.max_length`: truncated (recording how many tokens
+    were dropped, in a `_tokens_dropped` column, or in `stream_report` for streams) or split into pieces."""
+    limit = options.max_length
+
+    def fitted(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        whole = function(batch, indices)
+        rows = whole.pop(SOURCE_ROW, indices)
+        keys = list(whole)  # input_ids, loss_mask and maybe labels: all per token
+        out: dict[str, list] = {key: [] for key in keys}
+        dropped = []
+        for i, row in enumerate(rows):
+            ids, mask = whole["input_ids"][i], whole["loss_mask"][i]
+            if limit is None or len(ids) <= limit:
+                pieces = [slice(None)]
+            elif options.overlong == "split":
+                pieces = [slice(start, start + limit) for start in range(0, len(ids), limit)]
+            else:
+                truncate(ids, mask, options, row)  # refuses a row whose kept part has nothing to train on
+                pieces = [kept_slice(len(ids), limit, options.truncation_mode)]
+            for piece in pieces:
+                for key in keys:
+                    out[key].append(whole[key][i][piece])
+            lost = len(ids) - sum(len(ids[piece]) for piece in pieces)
+            dropped += [lost] + [0] * (len(pieces) - 1)
+            if lost and stream_report is not None:
+                stream_report.record(row, lost)
+        if stream_report is None:
+            out[DROPPED] = dropped
+        return out
+
+    return fitted
+
+
+def report_truncation(name: str, options: TokenizeOptions, examples: int, tokens: int) -> None:
+    if examples:
+        logger.warning(
+            "Truncation dropped %d tokens from %d examples of the %s dataset that are longer than max_length=%d "
+            "(truncation_mode=%s). Raise max_length, or with packing=True use packing_strategy='bfd_split' to "
+            "train on every token.",
+            tokens,
+            examples,
+            name,
+            options.max_length,
+            options.truncation_mode,
+        )
+
+
+class StreamTruncationReport:
+    """For streamed data, whose length is unknown in advance: warn at the first truncated example, once."""
+
+    def __init__(self, name: str, options: TokenizeOptions) -> None:
+        self.name, self.options, self.warned = name, options, False
+
+    def record(self, row: int, tokens: int) -> None:
+        if not self.warned:
+            self.warned = True
+            logger.warning(
+                "Truncation dropped %d tokens from example %d of the streamed %s dataset (longer than max_length=%d); "
+                "later over-long examples are cut the same way. Raise max_length, or with packing=True use "
+                "packing_strategy='bfd_split' to train on every token.",
+                tokens,
+                row,
+                self.name,
+                self.options.max_length,
+            )

@@ -1,8 +1,12 @@
 """IterativeSFTTrainer: optimisation steps on data you produce between steps (generate, filter, train).
 
+`step()` uses SFTTrainer's data pipeline: texts become segments, are tokenized by `tokenize_rows` (special tokens,
+EOS, loss mask), collated by `DataCollatorForSFT` into padding-free rows, and the loss is the prepared model's own
+forward with labels, so masks, speed, memory and loss are those of SFTTrainer.
+
 Unlike the TRL version it re-implements, the learning-rate schedule works without `max_steps`, caller labels
-and `texts_labels` are honoured, `max_length` cuts tokens (not batch rows), `save_steps` saves resumable
-checkpoints, and `step()` returns its statistics.
+and `texts_labels` are honoured, `max_length` cuts tokens (not batch rows, and says so), `save_steps` saves
+resumable checkpoints, and `step()` returns its statistics.
 """
 
 from __future__ import annotations
@@ -11,20 +15,26 @@ import gc
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerState, get_scheduler
+from transformers import PreTrainedModel, Trainer, TrainerState, TrainingArguments, get_scheduler
 from transformers.trainer_callback import ExportableState
 
-from ..config import IterativeSFTConfig
-from ..data.collators import IGNORE_INDEX, pad_rows
-from ..models import default_output_dir, resolve_model, resolve_processing_class
+from ..config import IterativeSFTConfig, convert_training_arguments
+from ..data import formats
+from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
+from ..data.formats import Segments
+from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
+from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 
 logger = logging.getLogger(__name__)
 
+# Arguments of the 0.11-era IterativeSFTTrainer that are IterativeSFTConfig fields now.
+LEGACY_TRAINER_KWARGS = ("max_length", "truncation_mode", "optimize_device_cache")
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr")
 
 
@@ -34,7 +44,7 @@ class IterativeSFTTrainer(Trainer):
     def __init__(
         self,
         model: PreTrainedModel | str | os.PathLike,
-        args: IterativeSFTConfig | None = None,
+        args: IterativeSFTConfig | TrainingArguments | None = None,
         processing_class: Any = None,
         data_collator: Callable | None = None,
         eval_dataset: Any = None,
@@ -42,16 +52,37 @@ class IterativeSFTTrainer(Trainer):
         compute_metrics: Callable | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
         callbacks: list | None = None,
+        tokenizer: Any = None,
+        **legacy_kwargs: Any,
     ) -> None:
-        args = args if args is not None else IterativeSFTConfig(output_dir=default_output_dir(model, "IterativeSFT"))
+        args = _as_iterative_config(args, model, legacy_kwargs)
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
         model, model_id = resolve_model(model, args.model_init_kwargs)
-        processing_class = resolve_processing_class(processing_class, model_id)
+        processing_class = resolve_processing_class(
+            processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs
+        )
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        tag_model(model)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if data_collator is None:
+            # SFTTrainer's collator: padding-free rows, documents isolated, labels from the loss mask.
+            data_collator = (
+                self.collate_seq2seq
+                if self.is_encoder_decoder
+                else DataCollatorForSFT(
+                    self.tokenizer.pad_token_id,
+                    attn_implementation=getattr(model.config, "_attn_implementation", None),
+                    dtype=getattr(model, "dtype", torch.float32),
+                    padding_free=compute_metrics is None and takes_packed_rows(model),
+                )
+            )
+        elif not self.is_encoder_decoder:
+            data_collator = _with_plain_rows(data_collator)
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or self.collate,
+            data_collator=data_collator,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             compute_metrics=compute_metrics,
@@ -79,6 +110,8 @@ class IterativeSFTTrainer(Trainer):
         )  # fmt: skip
         self._pending: dict[str, float] = {"loss": 0.0, "steps": 0, "tokens": 0}
         self.num_tokens = 0
+        self.truncated = {"examples": 0, "tokens": 0}
+        self._truncation_reported = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Schedule
@@ -107,7 +140,8 @@ class IterativeSFTTrainer(Trainer):
         texts: Sequence[str] | None,
         texts_labels: Sequence[str] | None,
     ) -> list[dict[str, list[int]]]:
-        """Validate the inputs of `step()` and turn them into truncated examples with labels."""
+        """Validate the inputs of `step()` and turn them into the rows the collator takes: `input_ids`, a
+        `loss_mask`, and `labels` only where the caller's labels are not the input ids themselves."""
         if (input_ids is None) == (texts is None):
             raise ValueError("step() takes either input_ids (lists of token ids) or texts (strings), exactly one.")
         if input_ids is not None:
@@ -117,8 +151,11 @@ class IterativeSFTTrainer(Trainer):
         else:
             if attention_mask is not None or labels is not None:
                 raise ValueError("attention_mask and labels go with input_ids; with texts, pass texts_labels.")
-            examples = self._examples_from_texts(texts, texts_labels)
-        return [self.truncate(example) for example in examples]
+            if self.is_encoder_decoder:
+                examples = self._seq2seq_examples_from_texts(texts, texts_labels)
+            else:
+                examples = self._examples_from_texts(texts, texts_labels)
+        return self.fit_to_max_length(examples)
 
     def _examples_from_ids(self, input_ids, attention_mask, labels) -> list[dict[str, list[int]]]:
         _check_list("input_ids", input_ids)
@@ -135,52 +172,83 @@ class IterativeSFTTrainer(Trainer):
             )
             if len(mask) != len(ids):
                 raise ValueError(f"attention_mask[{i}] has {len(mask)} entries for {len(ids)} input_ids.")
-            if labels is not None:
-                target = _as_int_list("labels", i, labels[i])
-                if not self.is_encoder_decoder and len(target) != len(ids):
-                    raise ValueError(f"labels[{i}] has {len(target)} entries for {len(ids)} input_ids.")
-            else:  # causal LM: predict the input itself, padding excluded (EOS kept, even when pad == eos)
-                target = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-            examples.append({"input_ids": ids, "attention_mask": mask, "labels": target})
+            target = _as_int_list("labels", i, labels[i]) if labels is not None else None
+            if self.is_encoder_decoder:
+                examples.append({"input_ids": ids, "attention_mask": mask, "labels": target})
+                continue
+            if target is not None and len(target) != len(ids):
+                raise ValueError(f"labels[{i}] has {len(target)} entries for {len(ids)} input_ids.")
+            # Positions outside the attention mask are the caller's padding: dropped, as the collator pads itself.
+            kept = [j for j, m in enumerate(mask) if m]
+            example = {"input_ids": [ids[j] for j in kept]}
+            if target is None:
+                example["loss_mask"] = [1] * len(kept)
+            else:
+                target = [target[j] for j in kept]
+                example["loss_mask"] = [int(t != IGNORE_INDEX) for t in target]
+                if any(t not in (IGNORE_INDEX, x) for t, x in zip(target, example["input_ids"], strict=True)):
+                    example["labels"] = target  # labels that are not the inputs: given to the model as they are
+            examples.append(example)
         return examples
 
     def _examples_from_texts(self, texts, texts_labels) -> list[dict[str, list[int]]]:
+        """Texts become segments and go through SFTTrainer's tokenization: the special tokens and EOS of raw text,
+        and the loss on what `texts_labels` marks (the whole text, or its suffix `texts_labels[i]`)."""
         _check_list("texts", texts, item_type=str)
         if texts_labels is not None:
             _check_list("texts_labels", texts_labels, len(texts), item_type=str)
-        tok = self.tokenizer
-        if self.is_encoder_decoder:
-            if texts_labels is None:
-                raise ValueError("Sequence-to-sequence models need targets: pass texts_labels with texts.")
-            inputs, targets = tok(list(texts))["input_ids"], tok(list(texts_labels))["input_ids"]
-            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(inputs, targets)]
-        if texts_labels is None:
-            inputs = tok(list(texts))["input_ids"]
-            return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": list(x)} for x in inputs]
-        # Causal LM with targets: the prompt text, then the target text, trained on the target only.
-        prompts = tok(list(texts))["input_ids"]
-        targets = tok(list(texts_labels), add_special_tokens=False)["input_ids"]
-        examples = []
-        for prompt, target in zip(prompts, targets, strict=True):
-            if tok.eos_token_id is not None and (not target or target[-1] != tok.eos_token_id):
-                target = [*target, tok.eos_token_id]  # teaches the model to stop after the target
-            ids = prompt + target
-            examples.append(
-                {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target}
-            )
-        return examples
+        rows = []
+        for i, text in enumerate(texts):
+            target = text if texts_labels is None else texts_labels[i]
+            rows.append((text_and_target_segments(text, target, i), True))
+        tokens = tokenize_rows(rows, self.tokenizer, TokenizeOptions(max_length=None), first_row=0)
+        return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(tokens["input_ids"], tokens["loss_mask"])]
 
-    def truncate(self, example: dict[str, list[int]]) -> dict[str, list[int]]:
+    def _seq2seq_examples_from_texts(self, texts, texts_labels) -> list[dict[str, list[int]]]:
+        _check_list("texts", texts, item_type=str)
+        if texts_labels is None:
+            raise ValueError("Sequence-to-sequence models need targets: pass texts_labels with texts.")
+        _check_list("texts_labels", texts_labels, len(texts), item_type=str)
+        inputs, targets = self.tokenizer(list(texts))["input_ids"], self.tokenizer(list(texts_labels))["input_ids"]
+        return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(inputs, targets)]
+
+    def fit_to_max_length(self, examples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+        """Cut examples to `max_length` on the `truncation_mode` side, as SFTTrainer does; say once what was cut."""
         limit = self.args.max_length
         if limit is None:
-            return example
-        keep = slice(None, limit) if self.args.truncation_mode == "keep_start" else slice(-limit, None)
-        out = {key: values[keep] for key, values in example.items()}
-        if self.is_encoder_decoder:
-            out["labels"] = example["labels"][:limit]  # targets are read from the start
+            return examples
+        out, cut, dropped = [], 0, 0
+        for i, example in enumerate(examples):
+            length = len(example["input_ids"])
+            if length <= limit:
+                out.append(example)
+                continue
+            if self.is_encoder_decoder:  # targets are read from the start
+                keep = kept_slice(length, limit, self.args.truncation_mode)
+                out.append({**{k: v[keep] for k, v in example.items()}, "labels": example["labels"][:limit]})
+            else:
+                options = TokenizeOptions(max_length=limit, truncation_mode=self.args.truncation_mode)
+                truncate(example["input_ids"], example["loss_mask"], options, i)  # refuses a row left with no loss
+                keep = kept_slice(length, limit, self.args.truncation_mode)
+                out.append({key: values[keep] for key, values in example.items()})
+            cut, dropped = cut + 1, dropped + length - limit
+        if cut:
+            self.truncated["examples"] += cut
+            self.truncated["tokens"] += dropped
+            if not self._truncation_reported:
+                self._truncation_reported = True
+                logger.warning(
+                    "step() truncated %d of %d examples longer than max_length=%d, dropping %d tokens (%s). "
+                    "Later truncation is counted in trainer.truncated and in step()'s num_truncated_tokens.",
+                    cut, len(examples), limit, dropped, self.args.truncation_mode,
+                )  # fmt: skip
         return out
 
-    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # The collator's token count is for statistics (step() reads it); the model's forward does not take it.
+        return super()._prepare_inputs({key: value for key, value in inputs.items() if key != "num_tokens"})
+
+    def collate_seq2seq(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return {
             "input_ids": pad_rows([e["input_ids"] for e in examples], self.tokenizer.pad_token_id),
             "attention_mask": pad_rows([e["attention_mask"] for e in examples], 0),
@@ -200,7 +268,11 @@ class IterativeSFTTrainer(Trainer):
         texts_labels: Sequence[str] | None = None,
     ) -> dict[str, float]:
         """Train on these examples now: shuffled mini-batches of `per_device_train_batch_size`, one optimizer
-        step per `gradient_accumulation_steps` mini-batches. Returns loss, learning rate, tokens and steps."""
+        step per `gradient_accumulation_steps` mini-batches. Returns loss, learning rate, tokens and steps.
+
+        `texts_labels[i]` says what of `texts[i]` is trained on: the whole text (`texts_labels[i] == texts[i]`, the
+        same as passing no texts_labels) or a suffix of it (e.g. the reply after a prompt; the rest is context)."""
+        truncated_before = self.truncated["tokens"]
         examples = self.prepare_examples(input_ids, attention_mask, labels, texts, texts_labels)
         self.model.train()
         args = self.args
@@ -215,18 +287,20 @@ class IterativeSFTTrainer(Trainer):
         ]
         losses, tokens, steps = [], 0, 0
         for group in groups:
-            targets = sum(_count_targets(e, self.is_encoder_decoder) for batch in group for e in batch)
+            collated = [self.data_collator(batch) for batch in group]
+            targets = sum(_count_targets_tensor(batch["labels"], self.is_encoder_decoder) for batch in collated)
             group_loss = 0.0
-            for batch in group:
-                inputs = self._prepare_inputs(self.data_collator(batch))
+            for batch in collated:
+                tokens += int(batch.pop("num_tokens").sum()) if "num_tokens" in batch else _real_tokens(batch)
+                inputs = self._prepare_inputs(batch)
+                # The prepared model's own forward (mixed precision, DDP, the loss it computes from labels).
                 outputs = self.model(**inputs)
-                # Sum over this mini-batch's target tokens divided by the whole group's: a token average over
-                # the accumulated batch, whatever the split into mini-batches.
+                # Its mean over this mini-batch's target tokens, weighted by their share of the whole group's: a
+                # token average over the accumulated batch, whatever the split into mini-batches.
                 share = _count_targets_tensor(inputs["labels"], self.is_encoder_decoder) / max(targets, 1)
                 loss = outputs.loss * share
                 self.accelerator.backward(loss)
                 group_loss += loss.item()
-                tokens += int(inputs["attention_mask"].sum())
             if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
             self.optimizer.step()
@@ -243,6 +317,7 @@ class IterativeSFTTrainer(Trainer):
             "loss": sum(losses) / max(len(losses), 1),
             "learning_rate": self.lr_scheduler.get_last_lr()[0],
             "num_tokens": tokens,
+            "num_truncated_tokens": self.truncated["tokens"] - truncated_before,
             "optimizer_steps": steps,
             "global_step": self.state.global_step,
         }
@@ -294,9 +369,56 @@ def _every(interval: float | int | None, step: int) -> bool:
     return bool(interval) and interval >= 1 and step % math.floor(interval) == 0
 
 
-def _count_targets(example: dict[str, list[int]], encoder_decoder: bool) -> int:
-    labels = example["labels"] if encoder_decoder else example["labels"][1:]
-    return sum(1 for t in labels if t != IGNORE_INDEX)
+def text_and_target_segments(text: str, target: str, row: int) -> Segments:
+    """The segments of `texts[row]` given `texts_labels[row]`: all trained when they are equal, else the text's
+    suffix `target` trained after its untrained prefix."""
+    if target == text:
+        return formats.text_segments(text, row, "texts")
+    if target and text.endswith(target):
+        return [(text[: -len(target)], False), (target, True)]
+    raise ValueError(
+        f"texts_labels[{row}] is neither texts[{row}] nor a suffix of it. texts_labels say which part of each text "
+        "is trained on: the whole text (the same as not passing texts_labels) or its end, e.g. texts=[prompt + "
+        "reply], texts_labels=[reply] to train on the reply only."
+    )
+
+
+def _as_iterative_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> IterativeSFTConfig:
+    unknown = set(legacy_kwargs) - set(LEGACY_TRAINER_KWARGS)
+    if unknown:
+        raise TypeError(f"IterativeSFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
+    if args is None:
+        args = IterativeSFTConfig(output_dir=default_output_dir(model, "IterativeSFT"))
+    args = convert_training_arguments(args, IterativeSFTConfig)
+    if legacy_kwargs:
+        warnings.warn(
+            f"Passing {sorted(legacy_kwargs)} to IterativeSFTTrainer is deprecated; set them on IterativeSFTConfig.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        for key, value in legacy_kwargs.items():
+            setattr(args, key, value)
+    return args
+
+
+def _with_plain_rows(collator: Callable) -> Callable:
+    """A caller's collator gets the rows TRL gave it: input_ids, attention_mask and labels."""
+    if isinstance(collator, DataCollatorForSFT):
+        return collator
+
+    def collate(examples: list[dict[str, list[int]]]) -> Any:
+        rows = []
+        for example in examples:
+            ids, mask = example["input_ids"], example["loss_mask"]
+            labels = example.get("labels") or [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        return collator(rows)
+
+    return collate
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum())
 
 
 def _count_targets_tensor(labels: torch.Tensor, encoder_decoder: bool) -> int:

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import sftune
+from sftune.models import MODEL_TAGS
 
 CARD = """---
 library_name: transformers
 base_model: {base_model}
 tags:
-- sftune
-- sft
+{tags}
 ---
 
 # {name}
@@ -46,7 +46,10 @@ tokenizer = AutoTokenizer.from_pretrained("{path}")
 def write_model_card(output_dir: Path, trainer: Any) -> Path:
     args = trainer.args
     is_peft = hasattr(trainer.model, "peft_config")
+    model_tags = getattr(trainer.accelerator.unwrap_model(trainer.model), "model_tags", None) or []
+    tags = list(dict.fromkeys([*MODEL_TAGS, *model_tags]))
     card = CARD.format(
+        tags="\n".join(f"- {tag}" for tag in tags),
         base_model=trainer.model_id or "unknown",
         name=output_dir.name,
         version=sftune.__version__,

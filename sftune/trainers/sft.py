@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -15,13 +14,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, convert_training_arguments
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..memory import use_memory_efficient_mlp
-from ..models import default_output_dir, resolve_model, resolve_processing_class
+from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
 
@@ -86,7 +85,7 @@ class SFTTrainer(Trainer):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
         processing_class = resolve_processing_class(
-            processing_class if processing_class is not None else tokenizer, model_id
+            processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs
         )
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.max_seq_length is None:
@@ -94,6 +93,7 @@ class SFTTrainer(Trainer):
 
         if model is not None:
             model = _prepare_peft_model(model, peft_config, args)
+            tag_model(model)
             _maybe_enable_liger(args)
             if args.memory_efficient_mlp and not args.use_liger_kernel:
                 use_memory_efficient_mlp(model)
@@ -118,7 +118,7 @@ class SFTTrainer(Trainer):
                 text_tokenizer.pad_token_id,
                 attn_implementation=attn,
                 dtype=dtype,
-                padding_free=args.padding_free and compute_metrics is None and _takes_packed_rows(model),
+                padding_free=args.padding_free and compute_metrics is None and takes_packed_rows(model),
             )
 
         super().__init__(
@@ -146,8 +146,8 @@ class SFTTrainer(Trainer):
     def _prepare(
         dataset: Any, tokenizer: Any, args: SFTConfig, formatting_func: Callable | None, packing: bool, name: str
     ) -> Any:
-        if dataset is None:
-            return None
+        if dataset is None or not _is_hf_dataset(dataset):
+            return dataset  # torch datasets (ConstantLengthDataset, ...) yield rows ready for the collator
         options = TokenizeOptions(
             max_length=None if packing and args.packing_strategy == "wrapped" else args.max_seq_length,
             text_field=args.dataset_text_field,
@@ -156,6 +156,7 @@ class SFTTrainer(Trainer):
             assistant_only_loss=args.assistant_only_loss,
             truncation_mode=args.truncation_mode,
             assistant_turns_as_examples=args.assistant_turns_as_examples,
+            overlong="split" if packing and args.packing_strategy == "bfd_split" else "truncate",
         )
         dataset = prepare_dataset(
             dataset,
@@ -264,7 +265,7 @@ class SFTTrainer(Trainer):
 def count_real_tokens(inputs: dict[str, Any]) -> int:
     """Tokens that are not padding: the collator's count, else the 2D attention mask's."""
     if "num_tokens" in inputs:
-        return int(inputs["num_tokens"])
+        return int(inputs["num_tokens"].sum())
     attention = inputs.get("attention_mask")
     if attention is not None and attention.dim() == 2:
         return int(attention.sum())
@@ -278,11 +279,8 @@ def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTC
         raise TypeError(f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
     if args is None:
         args = SFTConfig(output_dir=default_output_dir(model, "SFT"))
-    elif not isinstance(args, SFTConfig):
-        fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        values = {k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")}
-        values = {k: getattr(args, k) for k in values}
-        args = SFTConfig(**values)
+    else:
+        args = convert_training_arguments(args, SFTConfig)
     if legacy_kwargs:
         warnings.warn(
             f"Passing {sorted(legacy_kwargs)} to SFTTrainer is deprecated; set them on SFTConfig instead.",
@@ -329,15 +327,10 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         return get_peft_model(model, peft_config)
 
 
-def _takes_packed_rows(model: Any) -> bool:
-    """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
-    import inspect
+def _is_hf_dataset(dataset: Any) -> bool:
+    from datasets import Dataset, IterableDataset
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    return "position_ids" in inspect.signature(base.forward).parameters
+    return isinstance(dataset, (Dataset, IterableDataset))
 
 
 def _is_peft_model(model: Any) -> bool:

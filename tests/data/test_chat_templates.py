@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from sftune.data import chat_spans, formats
 from sftune.data.formats import DatasetFormatError
-from sftune.data.tokenize import TokenizeOptions, make_tokenize_function, prepare_dataset
+from sftune.data.tokenize import SOURCE_ROW, TokenizeOptions, make_tokenize_function, prepare_dataset
 from tests import real_tokenizers
 
 NAMES = [name for name in real_tokenizers.PAIRS if (real_tokenizers.TEMPLATES_DIR / f"{name}.jinja").exists()]
@@ -133,6 +133,7 @@ def prepare(tokenizer, rows, **options):
     columns = {key: [row.get(key) for row in rows] for key in rows[0]}
     fmt = formats.detect_format(list(columns), options.text_field, False)
     out = make_tokenize_function(fmt, tokenizer, options)(columns, list(range(len(rows))))
+    out.pop(SOURCE_ROW)
     return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
 
 

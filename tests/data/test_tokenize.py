@@ -192,3 +192,23 @@ def test_prompt_longer_than_max_length_is_refused(plain):
     rows = [{"prompt": "short", "completion": " ok"}, {"prompt": "word " * 100, "completion": " ok"}]
     with pytest.raises(DatasetFormatError, match=r"Row 1.*max_length=16"):
         prepare(rows, plain, max_length=16)
+
+
+def test_turns_as_examples_with_max_length_keep_every_turn_and_count_truncation_per_example(chatml, caplog):
+    """One conversation row gives one example per assistant turn; fitting them to max_length must follow the
+    examples, not the dataset rows (the two counts differ here)."""
+    rows = prepare([{"messages": CONVERSATION}], chatml, assistant_only_loss=True, assistant_turns_as_examples=True)
+    assert len(rows) == 2
+    assert [trained_runs(chatml, row)[-1] for row in rows] == ["Four.<|im_end|>", "Six, I think.<|im_end|>"]
+    longest = max(len(row["input_ids"]) for row in rows)
+    with caplog.at_level("WARNING"):
+        cut = prepare(
+            [{"messages": CONVERSATION}],
+            chatml,
+            assistant_only_loss=True,
+            assistant_turns_as_examples=True,
+            max_length=longest - 1,
+            truncation_mode="keep_end",
+        )
+    assert len(cut) == 2 and max(len(row["input_ids"]) for row in cut) == longest - 1
+    assert "dropped 1 tokens from 1 examples" in caplog.text

@@ -57,19 +57,20 @@ def test_default_labels_are_input_ids_with_padding_ignored_and_eos_kept(trainer)
         [torch.tensor([5, 6, eos]), torch.tensor([7, eos, eos])], [torch.tensor([1, 1, 1]), torch.tensor([1, 1, 0])],
         None, None, None,
     )  # fmt: skip
-    assert examples[0]["labels"] == [5, 6, eos]
-    assert examples[1]["labels"] == [7, eos, IGNORE_INDEX]
+    batch = trainer.data_collator(examples)
+    assert batch["labels"].tolist() == [[5, 6, eos], [7, eos, IGNORE_INDEX]]
 
 
 def test_caller_labels_are_honoured(trainer):
     examples = trainer.prepare_examples([[5, 6, 7]], None, [[IGNORE_INDEX, IGNORE_INDEX, 7]], None, None)
-    assert examples[0]["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 7]
+    assert trainer.data_collator(examples)["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7]]
 
 
-def test_texts_labels_are_the_targets(trainer):
+def test_texts_labels_suffix_is_the_target(trainer):
     tok = trainer.tokenizer
-    (example,) = trainer.prepare_examples(None, None, None, ["Say red:"], [" red red"])
-    trained = [t for t in example["labels"] if t != IGNORE_INDEX]
+    (example,) = trainer.prepare_examples(None, None, None, ["Say red: red red"], [" red red"])
+    labels = trainer.data_collator([example])["labels"][0].tolist()
+    trained = [t for t in labels if t != IGNORE_INDEX]
     assert tok.decode(trained) == " red red" + tok.eos_token
     assert tok.decode(example["input_ids"]) == "Say red: red red" + tok.eos_token
 
@@ -78,7 +79,7 @@ def test_texts_labels_are_the_targets(trainer):
 def test_truncation_cuts_tokens_on_the_configured_side(tiny_llama_path, tmp_path, mode, expected):
     trainer = IterativeSFTTrainer(str(tiny_llama_path), args=config(tmp_path, max_length=3, truncation_mode=mode))
     examples = trainer.prepare_examples([[1, 2, 3, 4, 5, 6], [7, 8]], None, None, None, None)
-    assert examples[0]["input_ids"] == expected and examples[0]["labels"] == expected
+    assert examples[0]["input_ids"] == expected and examples[0]["loss_mask"] == [1, 1, 1]
     assert examples[1]["input_ids"] == [7, 8]  # rows are never dropped
     text_example = trainer.prepare_examples(None, None, None, ["w1 w2 w3 w4 w5 w6 w7 w8"], None)[0]
     assert len(text_example["input_ids"]) == 3
@@ -114,7 +115,7 @@ def test_seq2seq_requires_labels_and_trains(tiny_t5_path, tmp_path):
 
 
 def test_loss_falls_when_repeating_a_step(trainer):
-    texts, labels = ["Say red:", "Say blue:"], [" red red", " blue blue"]
+    texts, labels = ["Say red: red red", "Say blue: blue blue"], [" red red", " blue blue"]
     first = trainer.step(texts=texts, texts_labels=labels)["loss"]
     for _ in range(15):
         last = trainer.step(texts=texts, texts_labels=labels)["loss"]

@@ -209,7 +209,7 @@ def test_packing_epoch_visits_every_example_exactly_once_with_masks_kept(tiny_ll
 
 def test_packing_truncates_over_long_examples_to_max_length(tiny_llama_plain_path, tmp_path):
     rows = [{"text": " ".join(f"w{i}" for i in range(300))}, {"text": "short one"}]
-    args = config(tmp_path, packing=True, max_seq_length=32)
+    args = config(tmp_path, packing=True, max_seq_length=32, packing_strategy="bfd")
     trainer = SFTTrainer(str(tiny_llama_plain_path), args=args, train_dataset=Dataset.from_list(rows))
     lengths = sorted(length for row in trainer.train_dataset for length in row["seq_lengths"])
     assert lengths[-1] == 32 and len(lengths) == 2  # cut to max_length (kept from the start), never dropped

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import normalize_model_init_kwargs, resolve_dtype
+from ..config import normalize_model_init_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,7 @@ def smollm2_path(install: bool = True) -> Path:
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained; rebuild it from a quantizer-free config.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.generation_config = gguf_model.generation_config
+    model = plain_copy_of_gguf_model(gguf_model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
     model.save_pretrained(staging)
@@ -70,6 +64,21 @@ def smollm2_path(install: bool = True) -> Path:
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def plain_copy_of_gguf_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
+    """The same model without the GGUF quantizer mark.
+
+    transformers dequantizes GGUF weights on load but keeps the model marked as quantized, so the Trainer refuses to
+    train it and save_pretrained refuses to save it; a copy built from a quantizer-free config does neither."""
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)._from_config(config, dtype=gguf_model.dtype)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.config._name_or_path = gguf_model.config._name_or_path
+    return model
 
 
 def _find_smollm2_gguf(install: bool) -> Path:
@@ -140,9 +149,31 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
             load_in_4bit=bool(kwargs.pop("load_in_4bit", False)),
         )
     check_hardware_requirements(kwargs)
-    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
-    auto_class = AutoModelForSeq2SeqLM if is_seq2seq(str(name_or_path), **config_kwargs) else AutoModelForCausalLM
-    return auto_class.from_pretrained(name_or_path, **kwargs)
+    seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
+    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    return plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
+
+
+# `from_pretrained` arguments that say where and how to find a checkpoint's files: the config and tokenizer loads
+# need them as much as the model load does (a GGUF file, a subfolder, a private repo's token, a revision...).
+LOCATION_KWARGS = (
+    "revision",
+    "trust_remote_code",
+    "subfolder",
+    "gguf_file",
+    "token",
+    "use_auth_token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
+
+
+def location_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of `model_init_kwargs` that also applies to loading the config and the tokenizer."""
+    return {k: v for k, v in (model_init_kwargs or {}).items() if k in LOCATION_KWARGS}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -176,13 +207,37 @@ def resolve_model(model: Any, model_init_kwargs: dict[str, Any] | None) -> tuple
     return model, model_name_or_path(model) if model is not None else None
 
 
-def resolve_processing_class(processing_class: Any, model_id: str | None) -> Any:
-    """The given tokenizer/processor, else the one saved with the model; with a pad token either way."""
+def resolve_processing_class(
+    processing_class: Any, model_id: str | None, model_init_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """The given tokenizer/processor, else the one saved with the model (found with the model's location
+    arguments: subfolder, gguf_file, revision, token...); with a pad token either way."""
     if processing_class is None:
         if model_id is None:
             raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
-        return load_tokenizer(model_id)
+        return load_tokenizer(model_id, **location_kwargs(model_init_kwargs))
     return ensure_pad_token(processing_class)
+
+
+MODEL_TAGS = ("sft", "sftune")
+
+
+def tag_model(model: Any) -> None:
+    """Add sftune's tags to `model.model_tags` (the hub and the model card show them)."""
+    for target in (model, model.get_base_model() if hasattr(model, "get_base_model") else None):
+        if hasattr(target, "add_model_tags"):
+            target.add_model_tags(list(MODEL_TAGS))
+
+
+def takes_packed_rows(model: Any) -> bool:
+    """Packed rows need a decoder-only model whose forward takes position ids (and so custom masks)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return "position_ids" in inspect.signature(base.forward).parameters
 
 
 def default_output_dir(model: Any, suffix: str) -> str:
