@@ -142,7 +142,24 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
     check_hardware_requirements(kwargs)
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
     auto_class = AutoModelForSeq2SeqLM if is_seq2seq(str(name_or_path), **config_kwargs) else AutoModelForCausalLM
-    return auto_class.from_pretrained(name_or_path, **kwargs)
+    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    check_finite_weights(model, str(name_or_path))
+    return model
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model or checkpoint holds NaN or infinite weights."""
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights that are NaN or infinite (saved from a diverged run): training on them only spreads NaN."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta" and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise NonFiniteWeightsError(
+                f"{source}: weight {name} holds {bad} NaN/infinite values of {param.numel()}; refusing to load it. "
+                "It was probably saved from a run that diverged: use an earlier checkpoint."
+            )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
