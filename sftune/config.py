@@ -145,6 +145,7 @@ class SFTConfig(TrainingArguments):
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
+        validate_numeric_fields(self)
         if self.max_length is not None and self.max_seq_length is not None and self.max_length != self.max_seq_length:
             raise ValueError(
                 f"max_length={self.max_length} and max_seq_length={self.max_seq_length} are the same setting "
@@ -153,7 +154,6 @@ class SFTConfig(TrainingArguments):
         if self.max_seq_length is None:
             self.max_seq_length = self.max_length
         self.max_length = self.max_seq_length
-        validate_numeric_fields(self)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.loss_chunk_size < 0:
@@ -225,7 +225,7 @@ def validate_numeric_fields(config: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number ({meaning}), got {value!r}.")
         above = value >= low if low_ok else value > low
-        if not (math.isfinite(value) or high == math.inf and value == math.inf) or not above or value > high:
+        if not math.isfinite(value) or not above or value > high:
             bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high != math.inf else "")
             raise ValueError(f"{name} must be {bounds} ({meaning}), got {value!r}.")
     max_steps = getattr(config, "max_steps", -1)
