@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,10 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; without one it only warns
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # torchrun on CPU: without these, transformers runs N independent copies of the job.
+                self.use_cpu = True
+                self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
 
     @property
