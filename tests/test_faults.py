@@ -298,3 +298,55 @@ def test_lora_adapters_are_initialised_from_args_seed(tiny_llama_path, tmp_path)
 
 if os.name != "posix":  # SIGKILL and raise_signal(SIGINT) semantics are POSIX
     pytestmark = pytest.mark.skip("POSIX only")
+
+
+def test_iterative_trainer_checkpoints_are_atomic_too(tiny_llama_path, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from sftune import IterativeSFTConfig, IterativeSFTTrainer
+
+    args = IterativeSFTConfig(output_dir=str(tmp_path), save_strategy="steps", save_steps=1, report_to="none",
+                              per_device_train_batch_size=2, disable_tqdm=True)  # fmt: skip
+    trainer = IterativeSFTTrainer(str(tiny_llama_path), args=args)
+    trainer.step(texts=["a b c d", "e f g"])
+    assert checkpoints(tmp_path) == ["checkpoint-1"]
+
+    def killed_mid_save(self, output_dir):
+        raise KeyboardInterrupt  # stands in for any interruption between the weights and the trainer state
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step(texts=["a b c d", "e f g"])
+    assert checkpoints(tmp_path) == ["checkpoint-1"]
+    assert newest_complete_checkpoint(tmp_path) == (str(tmp_path / "checkpoint-1"), [])
+
+
+def test_ctrl_c_from_the_command_line_saves_prints_how_to_resume_and_exits_130(tiny_llama_path, tmp_path, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    from sftune.cli import main
+    from sftune.trainers.sft import SFTTrainer
+    from tests.test_bad_inputs import GOOD_ROW, cli_argv, write
+
+    data = write(tmp_path / "d.jsonl", GOOD_ROW * 8)
+    original = SFTTrainer.training_step
+
+    def press_ctrl_c_on_step_2(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", press_ctrl_c_on_step_2)
+    argv = cli_argv(["--max_steps", "4", "--per_device_train_batch_size", "2", "--save_strategy", "no"], tmp_path,
+                    tiny_llama_path, data)  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 130 and "Traceback" not in err
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert f"interrupted at step 2; saved a resumable checkpoint to {checkpoint}" in err
+    assert f"--resume_from_checkpoint {checkpoint}" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # the interrupted run is not the final model
+
+    monkeypatch.setattr(SFTTrainer, "training_step", original)
+    main(argv + ["--resume_from_checkpoint", str(checkpoint)])
+    assert "steps              4" in capsys.readouterr().out

@@ -22,13 +22,14 @@ from transformers.trainer_callback import ExportableState
 from ..config import IterativeSFTConfig
 from ..data.collators import IGNORE_INDEX, pad_rows
 from ..models import default_output_dir, resolve_model, resolve_processing_class
+from .safety import AtomicCheckpoints
 
 logger = logging.getLogger(__name__)
 
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr")
 
 
-class IterativeSFTTrainer(Trainer):
+class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
     """Call `step()` with token ids or texts whenever you have new data; each call trains on it at once."""
 
     def __init__(
