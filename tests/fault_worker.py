@@ -48,13 +48,12 @@ def fault_config(output_dir: str, **overrides) -> SFTConfig:
     return SFTConfig(**values)
 
 
-def make_trainer(model_path: str, output_dir: str, callbacks: list | None = None, **overrides) -> SFTTrainer:
-    return SFTTrainer(
-        model_path,
-        args=fault_config(output_dir, **overrides),
-        train_dataset=Dataset.from_list(ROWS),
-        callbacks=callbacks,
-    )
+def make_trainer(
+    model_path: str, output_dir: str, callbacks: list | None = None, peft_config=None, **overrides
+) -> SFTTrainer:
+    args = fault_config(output_dir, **overrides)
+    data = Dataset.from_list(ROWS)
+    return SFTTrainer(model_path, args=args, train_dataset=data, callbacks=callbacks, peft_config=peft_config)
 
 
 def slow_down_saves(seconds: float) -> None:

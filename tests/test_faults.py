@@ -350,3 +350,22 @@ def test_ctrl_c_from_the_command_line_saves_prints_how_to_resume_and_exits_130(t
     monkeypatch.setattr(SFTTrainer, "training_step", original)
     main(argv + ["--resume_from_checkpoint", str(checkpoint)])
     assert "steps              4" in capsys.readouterr().out
+
+
+def test_lora_with_dropout_resumes_exactly(tiny_llama_path, tmp_path):
+    from peft import LoraConfig
+
+    from sftune.throughput import peak_flops
+
+    def run(folder: str, resume: bool = False, callbacks=None):
+        peak_flops.cache_clear()  # as in a fresh process: the first log measures the machine
+        lora = LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        trainer = make_trainer(str(tiny_llama_path), str(tmp_path / folder), callbacks=callbacks, peft_config=lora,
+                               max_steps=4, learning_rate=1e-2)  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume or None)
+        return {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+
+    full = run("full")
+    with pytest.raises(TrainingInterrupted):
+        run("cut", callbacks=[CtrlC(at_step=2)])
+    assert_same_weights(run("cut", resume=True), full)
