@@ -181,6 +181,8 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
         try:
             return load_dataset(builder, data_files=str(path), split="train", **extra)
         except Exception as err:
+            if "corresponds to no data" in str(err):
+                raise UsageError(f"{name}: the file has no rows.") from err
             raise UsageError(f"{name}: could not read it as {builder}: {_root_cause(err)}") from err
     if path.is_dir():
         if any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json")):
@@ -202,26 +204,32 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
 
 
 def check_data_file(path: Path) -> None:
-    """Refuse an empty file, bytes that are not UTF-8 and lines that are not JSON, naming the line."""
-    data = path.read_bytes()
-    if not data.strip():
-        raise UsageError(f"{path}: the file is empty.")
-    if path.suffix.lower() == ".parquet":
+    """Refuse an empty file, bytes that are not UTF-8 and lines that are not JSON, naming the line.
+
+    Reads line by line, so that a large file is checked without holding it in memory."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        if path.stat().st_size == 0:
+            raise UsageError(f"{path}: the file is empty.")
         return
-    offset = 0
-    for number, line in enumerate(data.splitlines(keepends=True), start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise UsageError(
-                f"{path}: line {number} is not UTF-8 (byte {line[err.start]:#04x} at byte offset {offset + err.start} "
-                f"of the file, {err.start} of the line). Re-save the file as UTF-8."
-            ) from err
-        offset += len(line)
-        if path.suffix.lower() == ".jsonl" and text.strip():
-            _check_json_line(path, number, text)
-    if path.suffix.lower() == ".json":
-        text = data.decode("utf-8")
+    offset, empty = 0, True
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(
+                    f"{path}: line {number} is not UTF-8 (byte {line[err.start]:#04x} at byte offset "
+                    f"{offset + err.start} of the file, {err.start} of the line). Re-save the file as UTF-8."
+                ) from err
+            offset += len(line)
+            empty = empty and not text.strip()
+            if suffix == ".jsonl" and text.strip():
+                _check_json_line(path, number, text)
+    if empty:
+        raise UsageError(f"{path}: the file is empty.")
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
         try:
             json.loads(text)
         except json.JSONDecodeError:  # a .json file may hold one object per line

@@ -80,6 +80,15 @@ CLI_CASES = {
     "assistant_only_loss on plain text": ({"d.jsonl": '{"text": "a b c"}\n'}, ["--dataset_name", "{tmp}/d.jsonl", "--assistant_only_loss", "true"], "assistant_only_loss=True needs conversational data"),
     "completion_only_loss on plain text": ({"d.jsonl": '{"text": "a b c"}\n'}, ["--dataset_name", "{tmp}/d.jsonl", "--completion_only_loss", "true"], "completion_only_loss=True needs 'prompt'/'completion' data"),
     "input_ids outside the vocabulary": ({"d.jsonl": '{"input_ids": [1, 2, 3]}\n{"input_ids": [4, 999999]}\n'}, ["--dataset_name", "{tmp}/d.jsonl"], "Row 1: input_ids holds 999999, outside the tokenizer's vocabulary"),
+    "corrupt parquet": ({"d.parquet": "not parquet at all"}, ["--dataset_name", "{tmp}/d.parquet"], "could not read it as parquet"),
+    "empty json array": ({"d.json": "[]"}, ["--dataset_name", "{tmp}/d.json"], "d.json: the file has no rows"),
+    "csv with only a header": ({"d.csv": "prompt,completion\n"}, ["--dataset_name", "{tmp}/d.csv"], "d.csv: the file has no rows"),
+    "missing eval file": ({}, ["--eval_dataset_name", "{tmp}/eval.jsonl"], "Dataset file {tmp}/eval.jsonl not found"),
+    "negative max_grad_norm": ({}, ["--max_grad_norm=-1"], "max_grad_norm must be >= 0"),
+    "model_init_kwargs not json": ({}, ["--model_init_kwargs", "{dtype: bf16"], "model_init_kwargs must be a dict or a JSON object"),
+    "unknown dtype": ({}, ["--model_init_kwargs", '{"dtype": "float99"}'], "Unknown dtype 'float99'"),
+    "unknown dataset_kwargs key": ({}, ["--dataset_kwargs", '{"skip_prepare": true}'], "Unknown dataset_kwargs ['skip_prepare']"),
+    "prompt longer than max_seq_length": ({}, ["--max_seq_length", "4", "--assistant_only_loss", "true"], "Row 0: the prompt alone is"),
 }  # fmt: skip
 
 
@@ -89,7 +98,7 @@ def good_data(tmp_path):
 
 
 def cli_argv(case_argv: list[str], tmp_path: Path, model: Path, data: str) -> list[str]:
-    filled = [arg.format(tmp=tmp_path) for arg in case_argv]
+    filled = [arg.replace("{tmp}", str(tmp_path)) for arg in case_argv]
     argv = ["sft", "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"]
     if "--model_name_or_path" not in filled:
         argv += ["--model_name_or_path", str(model)]
@@ -107,7 +116,7 @@ def test_cli_bad_input_gives_one_clear_message_and_exit_code_2(case, tiny_llama_
         main(cli_argv(argv, tmp_path, tiny_llama_path, good_data))
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
-    assert expected.format(tmp=tmp_path) in err
+    assert expected.replace("{tmp}", str(tmp_path)) in err
     assert "Traceback" not in err
     message = [line for line in err.splitlines() if line.startswith("sftune sft: error:")]
     assert len(message) == 1, err
