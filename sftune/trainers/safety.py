@@ -203,6 +203,7 @@ class AtomicCheckpoints:
         except BaseException as err:
             if main:
                 shutil.rmtree(staged, ignore_errors=True)
+                _remove_if_empty(staging_root)
             if is_disk_full(err):
                 free = shutil.disk_usage(run_dir).free
                 raise CheckpointSaveError(
@@ -216,6 +217,7 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         if main:
             publish(staged, final)
+            _remove_if_empty(staging_root)
             _rotate(self, run_dir)
         self.accelerator.wait_for_everyone()
 
@@ -240,6 +242,13 @@ def publish(staged: str, final: str) -> None:
     os.rename(staged, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty (another run's staging) or already gone
+        pass
 
 
 def _rotate(trainer: Any, run_dir: str) -> None:
