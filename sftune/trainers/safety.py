@@ -59,10 +59,12 @@ class NonFiniteGuard(TrainerCallback):
     them into the running mean) and the gradient norm. `mode="stop"` raises `NonFiniteTrainingError` and leaves
     the weights and checkpoints as they were; `mode="skip"` drops the step's gradients and counts it."""
 
-    def __init__(self, mode: str = "stop") -> None:
+    def __init__(self, mode: str = "stop", check_gradients: bool = True) -> None:
         if mode not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
         self.mode = mode
+        # Under fp16 loss scaling, overflowing gradients are routine: the scaler skips those steps itself.
+        self.check_gradients = check_gradients
         self.skipped_steps = 0
         self._losses: list[torch.Tensor] = []
 
@@ -72,7 +74,11 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         losses, self._losses = self._losses, []
-        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        grads = (
+            [p.grad for p in model.parameters() if p.grad is not None]
+            if self.check_gradients and model is not None
+            else []
+        )
         grad_norm = torch.nn.utils.get_total_norm(grads).float() if grads else None
         values = losses + ([grad_norm] if grad_norm is not None else [])
         if not values:

@@ -145,7 +145,8 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self.model_id = model_id
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_tokens = {"train": 0, "eval": 0}
-        self._nonfinite_guard = NonFiniteGuard(args.on_nonfinite)
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        self._nonfinite_guard = NonFiniteGuard(args.on_nonfinite, check_gradients=not scaled)
         self._interrupt = InterruptHandler()
         self.add_callback(self._nonfinite_guard)
         self.add_callback(self._interrupt)
