@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("sftune")
+
+
+class UsageError(Exception):
+    """A mistake in the command line, the recipe or the files it names: shown as one line, exit code 2."""
+
 
 LOCAL_DATA_BUILDERS = {
     ".jsonl": "json",
@@ -57,32 +63,56 @@ class ScriptArguments:
 
 def parse_sft_args(argv: list[str]) -> tuple[ScriptArguments, Any, Any]:
     """(ScriptArguments, SFTConfig, ModelConfig) from an optional --config YAML and command-line overrides."""
-    import yaml
     from transformers import HfArgumentParser
 
     from .config import SFTConfig
     from .models import ModelConfig
 
-    parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelConfig), prog="sftune sft")
+    parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelConfig), prog="sftune sft", allow_abbrev=False)
+    parser.error = _usage_error  # argparse would print the usage of every flag first; one line is enough
     parser.add_argument("--config", type=str, default=None, help="YAML file of defaults for any flag.")
     config_path = _pop_config_path(argv)
     if config_path:
-        values = yaml.safe_load(Path(config_path).read_text()) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
+        values = read_yaml_recipe(config_path)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
-            raise SystemExit(f"{config_path}: unknown keys {unknown}. Run `sftune sft --help` for the fields.")
-        parser.set_defaults(**{k: _yaml_to_flag_value(v) for k, v in values.items()})
+            raise UsageError(f"{config_path}: unknown keys {unknown}. Run `sftune sft --help` for the fields.")
+        parser.set_defaults(**{k: _yaml_to_flag_value(actions[k], k, v, config_path) for k, v in values.items()})
         # A required flag given by the YAML file is no longer required on the command line.
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
     # The --config flag itself (already consumed) comes back as an extra namespace; keep the three dataclasses.
-    *parsed, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    try:
+        *parsed, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as err:  # a field's own validation (SFTConfig.__post_init__, ...)
+        raise UsageError(str(err)) from err
     script_args, sft_args, model_args = parsed[:3]
     if extra:
-        raise SystemExit(f"Unknown arguments: {extra}. Run `sftune sft --help` for the fields.")
+        raise UsageError(f"Unknown arguments: {extra}. Run `sftune sft --help` for the fields.")
     return script_args, sft_args, model_args
+
+
+def read_yaml_recipe(path: str) -> dict[str, Any]:
+    import yaml
+
+    if not Path(path).is_file():
+        raise UsageError(f"Config file {path} not found.")
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}).") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}.") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected `key: value` lines, got a {type(values).__name__}.")
+    return values
 
 
 def _pop_config_path(argv: list[str]) -> str | None:
@@ -97,9 +127,38 @@ def _pop_config_path(argv: list[str]) -> str | None:
     return None
 
 
-def _yaml_to_flag_value(value: Any) -> Any:
-    # Dict-valued fields (model_init_kwargs, dataset_kwargs, ...) travel as JSON strings through argparse.
-    return json.dumps(value) if isinstance(value, dict) else value
+def _yaml_to_flag_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A YAML value as the flag's parsed value, checked as the command line would check it."""
+    if isinstance(value, dict):  # dict-valued fields (model_init_kwargs, ...) travel as JSON strings
+        return json.dumps(value)
+    if action.nargs in ("+", "*"):
+        return [
+            _convert_yaml_value(action, key, item, path) for item in (value if isinstance(value, list) else [value])
+        ]
+    if isinstance(value, list):
+        raise UsageError(f"{path}: {key} takes a single value, got the list {value!r}.")
+    return _convert_yaml_value(action, key, value, path)
+
+
+def _convert_yaml_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    if value is None or action.type is None:
+        return value
+    expected = getattr(action.type, "__name__", "a value")
+    try:
+        if action.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        converted = action.type(value)
+    except Exception as err:
+        expected = "true or false" if expected == "string_to_bool" else f"{expected}"
+        raise UsageError(f"{path}: {key} must be {expected}, got {value!r}.") from err
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(str(choice) for choice in action.choices)
+        raise UsageError(f"{path}: {key} must be one of {choices}; got {value!r}.")
+    return converted
+
+
+def _usage_error(message: str) -> None:
+    raise UsageError(f"{message}. Run `sftune sft --help` for the fields.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,16 +170,118 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
     """A local file (by extension), a dataset saved with save_to_disk, or a `datasets` name."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_file():
         builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise SystemExit(f"{name}: unsupported file type; use one of {sorted(LOCAL_DATA_BUILDERS)}.")
-        return load_dataset(builder, data_files=str(path), split="train")
-    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        data = load_from_disk(str(path))
-        return data[split] if isinstance(data, DatasetDict) else data
-    return load_dataset(name, config, split=split)
+            raise UsageError(f"{name}: unsupported file type; use one of {sorted(LOCAL_DATA_BUILDERS)}.")
+        check_data_file(path)
+        # CSV cells are text: a column of numbers is still a completion, not an int column.
+        extra = {"features": _all_text_features(path)} if builder == "csv" else {}
+        try:
+            return load_dataset(builder, data_files=str(path), split="train", **extra)
+        except Exception as err:
+            if "corresponds to no data" in str(err):
+                raise UsageError(f"{name}: the file has no rows.") from err
+            raise UsageError(f"{name}: could not read it as {builder}: {_root_cause(err)}") from err
+    if path.is_dir():
+        if any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json")):
+            data = load_from_disk(str(path))
+            if isinstance(data, DatasetDict):
+                if split not in data:
+                    raise UsageError(f"{name} has splits {sorted(data)}, not {split!r}; choose one.")
+                return data[split]
+            return data
+    elif path.suffix.lower() in LOCAL_DATA_BUILDERS or name.startswith((".", "/", "~")):
+        raise UsageError(f"Dataset file {name} not found.")
+    try:
+        return load_dataset(name, config, split=split)
+    except Exception as err:
+        raise UsageError(
+            f"Could not load the dataset {name!r}: it is not a local file or dataset folder, and loading it by "
+            f"name failed ({_root_cause(err)}). Check the path, or give a local .jsonl/.json/.csv/.parquet file."
+        ) from err
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse an empty file, bytes that are not UTF-8 and lines that are not JSON, naming the line.
+
+    Reads line by line, so that a large file is checked without holding it in memory."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        if path.stat().st_size == 0:
+            raise UsageError(f"{path}: the file is empty.")
+        return
+    offset, empty = 0, True
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(
+                    f"{path}: line {number} is not UTF-8 (byte {line[err.start]:#04x} at byte offset "
+                    f"{offset + err.start} of the file, {err.start} of the line). Re-save the file as UTF-8."
+                ) from err
+            offset += len(line)
+            empty = empty and not text.strip()
+            if suffix == ".jsonl" and text.strip():
+                _check_json_line(path, number, text)
+    if empty:
+        raise UsageError(f"{path}: the file is empty.")
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:  # a .json file may hold one object per line
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    _check_json_line(path, number, line)
+
+
+def _check_json_line(path: Path, number: int, line: str) -> None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}).") from err
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"{path}: line {number} is a JSON {type(value).__name__}; each line must be an object {{...}}."
+        )
+
+
+def _all_text_features(path: Path) -> Any:
+    import csv
+
+    from datasets import Features, Value
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    return Features({column: Value("string") for column in header})
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def load_model_for_cli(name: str, kwargs: dict[str, Any]) -> Any:
+    """`load_model` with the user's mistakes (no such folder, a file, no network) as one-line errors."""
+    from .models import load_model
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise UsageError(f"--model_name_or_path {name} is a file; give the folder holding config.json and the weights.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"--model_name_or_path {name} has no config.json; give a folder saved by save_pretrained.")
+    if not path.exists() and name.startswith((".", "/", "~")):
+        raise UsageError(f"Model folder {name} not found.")
+    try:
+        return load_model(str(path) if path.exists() else name, kwargs)
+    except (OSError, ValueError) as err:
+        where = "" if path.exists() else " It is not a local folder, and downloading it by name failed."
+        raise UsageError(f"Could not load the model {name!r}:{where} {_root_cause(err)}") from err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,19 +291,24 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
 
 def run_sft(argv: list[str]) -> dict[str, Any]:
     """Train as the arguments say; print and return a summary."""
-    from .models import get_peft_config, load_model
+    from .data.formats import DatasetFormatError
+    from .models import get_peft_config
+    from .trainers.safety import resolve_resume_checkpoint
     from .trainers.sft import SFTTrainer
 
     script_args, sft_args, model_args = parse_sft_args(argv)
     if not model_args.model_name_or_path:
-        raise SystemExit("Give the model: --model_name_or_path PATH_OR_ID (or model_name_or_path in the YAML).")
+        raise UsageError("Give the model: --model_name_or_path PATH_OR_ID (or model_name_or_path in the YAML).")
     if not script_args.dataset_name:
-        raise SystemExit("Give the data: --dataset_name FILE_OR_NAME (or dataset_name in the YAML).")
-    train = load_any_dataset(
-        script_args.dataset_name,
-        script_args.dataset_config,
-        script_args.dataset_train_split,
-    )
+        raise UsageError("Give the data: --dataset_name FILE_OR_NAME (or dataset_name in the YAML).")
+    resume = sft_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    try:
+        resume = resolve_resume_checkpoint(resume, sft_args.output_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     evaluation = None
     if script_args.eval_dataset_name:
         evaluation = load_any_dataset(
@@ -154,29 +320,37 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
         **model_args.model_init_kwargs(sft_args.gradient_checkpointing),
         **(sft_args.model_init_kwargs or {}),
     }
-    model = load_model(model_args.model_name_or_path, kwargs)
+    model = load_model_for_cli(model_args.model_name_or_path, kwargs)
     sft_args.model_init_kwargs = None
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        peft_config=get_peft_config(model_args),
-    )
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            peft_config=get_peft_config(model_args),
+        )
+    except (DatasetFormatError, ValueError, TypeError) as err:
+        raise UsageError(str(err)) from err
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=sft_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     output_dir = Path(sft_args.output_dir)
     save_trained_model(trainer, output_dir, script_args.merge_adapters)
+    tokens = trainer.num_tokens_trained()  # summed over processes: every rank takes part
+    if not trainer.is_world_process_zero():
+        return {}
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     summary = {
-        "tokens_trained": trainer._num_tokens["train"],
-        "tokens_per_second": round(trainer._num_tokens["train"] / seconds, 1),
+        "tokens_trained": tokens,
+        "tokens_per_second": round(tokens / seconds, 1),
         "train_seconds": round(seconds, 1),
         "steps": trainer.state.global_step,
         "final_loss": losses[-1][1] if losses else result.training_loss,
         "saved_to": str(output_dir),
     }
+    if trainer.skipped_nonfinite_steps:
+        summary["skipped_nonfinite_steps"] = trainer.skipped_nonfinite_steps
     if script_args.plot_loss and losses:
         summary["loss_plot"] = str(plot_loss_curve(losses, output_dir / "loss.png"))
     print_summary(summary)
@@ -184,17 +358,20 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
 
 
 def save_trained_model(trainer: Any, output_dir: Path, merge_adapters: bool) -> None:
-    """Save so that plain `AutoModelForCausalLM.from_pretrained(output_dir)` loads the fine-tuned model."""
+    """Save so that plain `AutoModelForCausalLM.from_pretrained(output_dir)` loads the fine-tuned model.
+
+    Every process calls this (saving may gather shards); only the main process writes."""
     model = trainer.model
     if hasattr(model, "merge_and_unload") and merge_adapters:
         trainer.save_model(str(output_dir / "adapter"))
         merged = model.merge_and_unload()
-        merged.save_pretrained(output_dir)
-        trainer.processing_class.save_pretrained(output_dir)
         trainer.model = merged
-        from .trainers.model_card import write_model_card
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(output_dir)
+            trainer.processing_class.save_pretrained(output_dir)
+            from .trainers.model_card import write_model_card
 
-        write_model_card(output_dir, trainer)
+            write_model_card(output_dir, trainer)
     else:
         trainer.save_model(str(output_dir))
 
@@ -245,10 +422,16 @@ def run_eval(argv: list[str]) -> float:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--show", type=int, default=3, help="print this many replies")
     args = parser.parse_args(argv)
+    if not Path(args.dataset).is_file():
+        raise UsageError(f"Dataset file {args.dataset} not found.")
+    check_data_file(Path(args.dataset))
     rows = [json.loads(line) for line in Path(args.dataset).read_text().splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    tokenizer = load_tokenizer(args.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
+    except OSError as err:
+        raise UsageError(f"Could not load the model {args.model!r}: {_root_cause(err)}") from err
     accuracy, replies = exact_match(
         model,
         tokenizer,
@@ -283,15 +466,42 @@ def run_preview(argv: list[str]) -> None:
 
 
 COMMANDS = {"sft": run_sft, "eval": run_eval, "preview": run_preview}
+USER_ERROR_EXIT = 2
+FAILED_EXIT = 1
+INTERRUPTED_EXIT = 130
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. A user's mistake is one line on stderr and exit code 2, never a traceback
+    (SFTUNE_DEBUG=1 shows it); a run that fails (NaN, full disk) exits 1, Ctrl-C 130."""
+    from .data.formats import DatasetFormatError
+    from .models import NonFiniteWeightsError
+    from .trainers.safety import CheckpointSaveError, NonFiniteTrainingError, TrainingInterrupted
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else USER_ERROR_EXIT)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except Exception as err:
+        if os.environ.get("SFTUNE_DEBUG"):
+            raise
+        if isinstance(err, (UsageError, DatasetFormatError, NonFiniteWeightsError)):
+            _fail(f"sftune {argv[0]}: error: {err}", USER_ERROR_EXIT)
+        if isinstance(err, (NonFiniteTrainingError, CheckpointSaveError)):
+            _fail(f"sftune {argv[0]}: {err}", FAILED_EXIT)
+        raise
+    except TrainingInterrupted as err:
+        _fail(f"sftune {argv[0]}: {err}", INTERRUPTED_EXIT)
+    except KeyboardInterrupt:
+        _fail(f"sftune {argv[0]}: interrupted.", INTERRUPTED_EXIT)
+
+
+def _fail(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,10 +147,18 @@ class SFTConfig(TrainingArguments):
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "When a step's loss or gradient norm is NaN/inf: 'stop' with an error (the default), or "
+            "'skip' the step and count it."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
+        validate_numeric_fields(self)
         if self.max_length is not None and self.max_seq_length is not None and self.max_length != self.max_seq_length:
             raise ValueError(
                 f"max_length={self.max_length} and max_seq_length={self.max_seq_length} are the same setting "
@@ -157,6 +167,8 @@ class SFTConfig(TrainingArguments):
         if self.max_seq_length is None:
             self.max_seq_length = self.max_length
         self.max_length = self.max_seq_length
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 turns chunking off), got {self.loss_chunk_size}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
@@ -165,6 +177,10 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; without one it only warns
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # torchrun on CPU: without these, transformers runs N independent copies of the job.
+                self.use_cpu = True
+                self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
 
     @property
@@ -191,6 +207,60 @@ def convert_training_arguments(args: TrainingArguments, config_class: type) -> A
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")}
     return config_class(**{name: getattr(args, name) for name in fields if name in args.to_dict()})
+
+
+# field -> (lowest, highest, lowest allowed itself?, None allowed?, what it means); checked where a config has it.
+NUMERIC_FIELDS: dict[str, tuple[float, float, bool, bool, str]] = {
+    "max_seq_length": (1, math.inf, True, True, "a number of tokens"),
+    "max_length": (1, math.inf, True, True, "a number of tokens"),
+    "per_device_train_batch_size": (1, math.inf, True, False, "examples per device per step"),
+    "per_device_eval_batch_size": (1, math.inf, True, False, "examples per device per step"),
+    "gradient_accumulation_steps": (1, math.inf, True, False, "micro-batches per optimizer step"),
+    "eval_accumulation_steps": (1, math.inf, True, True, "steps"),
+    "dataset_batch_size": (1, math.inf, True, False, "examples tokenized per batch"),
+    "dataset_num_proc": (1, math.inf, True, True, "processes"),
+    "dataloader_num_workers": (0, math.inf, True, False, "worker processes"),
+    "num_of_sequences": (1, math.inf, True, False, "examples"),
+    "chars_per_token": (0, math.inf, False, False, "characters per token"),
+    "num_train_epochs": (0, math.inf, False, False, "epochs"),
+    "learning_rate": (0, math.inf, True, False, "a learning rate"),
+    "weight_decay": (0, math.inf, True, False, "a decay factor"),
+    "max_grad_norm": (0, math.inf, True, True, "a gradient norm (0: no clipping)"),
+    "adam_beta1": (0, 1, True, False, "a decay rate below 1"),
+    "adam_beta2": (0, 1, True, False, "a decay rate below 1"),
+    "adam_epsilon": (0, math.inf, True, False, "a small constant"),
+    "warmup_ratio": (0, 1, True, True, "a fraction of the training steps"),
+    "warmup_steps": (0, math.inf, True, False, "steps (or a fraction below 1)"),
+    "logging_steps": (0, math.inf, False, False, "steps (or a fraction below 1)"),
+    "save_steps": (0, math.inf, False, True, "steps (or a fraction below 1)"),
+    "eval_steps": (0, math.inf, False, True, "steps (or a fraction below 1)"),
+    "save_total_limit": (1, math.inf, True, True, "checkpoints"),
+    "label_smoothing_factor": (0, 1, True, False, "a fraction"),
+    "neftune_noise_alpha": (0, math.inf, True, True, "a noise scale"),
+    "seed": (0, 2**32 - 1, True, False, "a seed"),
+    "data_seed": (0, 2**32 - 1, True, True, "a seed"),
+}
+
+
+def validate_numeric_fields(config: Any) -> None:
+    """Refuse numbers a user can get wrong (0 batch size, negative lengths, NaN learning rate), naming the field."""
+    for name, (low, high, low_ok, none_ok, meaning) in NUMERIC_FIELDS.items():
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number ({meaning}), got {value!r}.")
+        above = value >= low if low_ok else value > low
+        if not math.isfinite(value) or not above or value > high:
+            bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high != math.inf else "")
+            raise ValueError(f"{name} must be {bounds} ({meaning}), got {value!r}.")
+    max_steps = getattr(config, "max_steps", -1)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
+        raise ValueError(
+            f"max_steps must be a positive number of steps (-1: train num_train_epochs), got {max_steps!r}."
+        )
 
 
 def _maybe_json(value: Any, name: str) -> Any:
@@ -225,6 +295,7 @@ class IterativeSFTConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
+        validate_numeric_fields(self)
         if self.truncation_mode not in ("keep_end", "keep_start"):
             raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
         if self.max_length is not None and self.max_length < 1:

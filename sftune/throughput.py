@@ -28,8 +28,10 @@ def peak_flops(device_type: str = "cpu") -> float:
 def measured_matmul_flops(device_type: str = "cpu", size: int = 1024, repeats: int = 8) -> float:
     device = torch.device(device_type)
     dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A generator of its own: measuring must never move the training run's random numbers (dropout, shuffling).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b  # warm up
     if device_type == "cuda":
         torch.cuda.synchronize()

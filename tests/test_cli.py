@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from sftune import tasks
-from sftune.cli import load_any_dataset, main, parse_sft_args
+from sftune.cli import UsageError, load_any_dataset, main, parse_sft_args
 
 
 def write_recipe(path, text: str):
@@ -31,7 +31,7 @@ def test_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
 
 def test_unknown_yaml_key_is_refused(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", "learning_rat: 0.1\n")
-    with pytest.raises(SystemExit, match="learning_rat"):
+    with pytest.raises(UsageError, match="learning_rat"):
         parse_sft_args(["--config", recipe])
 
 

@@ -246,6 +246,7 @@ def make_tokenize_function(
     formatting_func_batched: bool = False,
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """The batched `datasets.map` function that turns rows of format `fmt` into tokens."""
+    check_loss_options_apply(fmt, options)
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         n = len(indices)
@@ -253,14 +254,17 @@ def make_tokenize_function(
         texts: list[str | None] = [None] * n
         if fmt == formats.FORMATTING_FUNC:
             if formatting_func_batched:
-                texts = list(formatting_func(batch))
+                texts = list(_call_formatting_func(formatting_func, batch, f"rows {indices[0]}-{indices[-1]}"))
                 if len(texts) != n:
                     raise DatasetFormatError(
                         f"formatting_func returned {len(texts)} texts for a batch of {n} rows (rows {indices[0]}-"
                         f"{indices[-1]}); a batched formatting_func must return one string per row."
                     )
             else:
-                texts = [formatting_func(example) for example in examples]
+                texts = [
+                    _call_formatting_func(formatting_func, example, f"row {row}")
+                    for example, row in zip(examples, indices, strict=True)
+                ]
         rows, numbers = [], []
         for example, row, text in zip(examples, indices, texts, strict=True):
             for example_row in row_examples(example, row, fmt, tokenizer, options, text):
@@ -273,15 +277,55 @@ def make_tokenize_function(
     return tokenize_batch
 
 
+def _call_formatting_func(formatting_func: Callable, value: Any, where: str) -> Any:
+    try:
+        return formatting_func(value)
+    except Exception as err:
+        raise DatasetFormatError(
+            f"formatting_func raised {type(err).__name__}: {err} on {where}. Fix the function or that data "
+            f"(it got {sorted(value) if isinstance(value, dict) else type(value).__name__})."
+        ) from err
+
+
+def check_loss_options_apply(fmt: str, options: TokenizeOptions) -> None:
+    """Loss options that cannot apply to this data are an error, not silently ignored."""
+    if options.assistant_only_loss and fmt not in (formats.MESSAGES, formats.PROMPT_COMPLETION):
+        raise DatasetFormatError(
+            f"assistant_only_loss=True needs conversational data (a 'messages' column), but the data is {fmt}: "
+            "nothing in it marks the assistant's tokens. Set assistant_only_loss=False, or give 'messages' rows."
+        )
+    if options.completion_only_loss and fmt != formats.PROMPT_COMPLETION:
+        hint = " For conversations use assistant_only_loss=True." if fmt == formats.MESSAGES else ""
+        raise DatasetFormatError(
+            f"completion_only_loss=True needs 'prompt'/'completion' data, but the data is {fmt}: there is no "
+            f"completion to train on alone. Leave completion_only_loss unset (None) or give prompt/completion rows.{hint}"
+        )
+
+
 def pretokenized_function(
-    options: TokenizeOptions,
+    options: TokenizeOptions, vocab_size: int | None = None
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
-    """Rows already tokenized: keep `input_ids`, take the mask from `completion_mask`/`assistant_masks` if any."""
+    """Rows already tokenized: keep `input_ids`, take the mask from `completion_mask`/`assistant_masks` if any.
+
+    Ids outside [0, vocab_size) are refused here, naming the row, rather than as an IndexError at step 1."""
 
     def passthrough(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         masks = batch.get("completion_mask") or batch.get("assistant_masks")
+        if masks is None and (options.assistant_only_loss or options.completion_only_loss):
+            flag = "assistant_only_loss" if options.assistant_only_loss else "completion_only_loss"
+            column = "assistant_masks" if options.assistant_only_loss else "completion_mask"
+            raise DatasetFormatError(
+                f"{flag}=True, but the tokenized data has no '{column}' column to say which tokens to train on. "
+                f"Add that column, or set {flag}=False."
+            )
         out_ids, out_masks = [], []
         for i, ids in enumerate(batch["input_ids"]):
+            if vocab_size is not None and ids and not (0 <= min(ids) and max(ids) < vocab_size):
+                bad = next(token for token in ids if not 0 <= token < vocab_size)
+                raise DatasetFormatError(
+                    f"Row {indices[i]}: input_ids holds {bad}, outside the tokenizer's vocabulary (0-{vocab_size - 1}). "
+                    "Tokenize the data with the model's own tokenizer."
+                )
             mask = list(masks[i]) if masks is not None else [1] * len(ids)
             ids, mask = truncate(list(ids), mask, options, indices[i])
             out_ids.append(ids)
@@ -316,7 +360,7 @@ def prepare_dataset(
     # Rows are tokenized whole, then fitted to max_length by `fit_to_max_length`, where what is cut is counted.
     whole = dataclasses.replace(options, max_length=None)
     if fmt == formats.TOKENIZED:
-        function = pretokenized_function(whole)
+        function = pretokenized_function(whole, len(tokenizer))
     else:
         batched_func = False
         if formatting_func is not None:

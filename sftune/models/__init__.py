@@ -152,7 +152,9 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
     seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = auto_class.from_pretrained(name_or_path, **kwargs)
-    return plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
+    model = plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
+    check_finite_weights(model, str(name_or_path))
+    return model
 
 
 # `from_pretrained` arguments that say where and how to find a checkpoint's files: the config and tokenizer loads
@@ -174,6 +176,21 @@ LOCATION_KWARGS = (
 def location_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The part of `model_init_kwargs` that also applies to loading the config and the tokenizer."""
     return {k: v for k, v in (model_init_kwargs or {}).items() if k in LOCATION_KWARGS}
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model or checkpoint holds NaN or infinite weights."""
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights that are NaN or infinite (saved from a diverged run): training on them only spreads NaN."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta" and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise NonFiniteWeightsError(
+                f"{source}: weight {name} holds {bad} NaN/infinite values of {param.numel()}; refusing to load it. "
+                "It was probably saved from a run that diverged: use an earlier checkpoint."
+            )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:

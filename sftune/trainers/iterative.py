@@ -30,6 +30,7 @@ from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
 from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
+from .safety import AtomicCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ LEGACY_TRAINER_KWARGS = ("max_length", "truncation_mode", "optimize_device_cache
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr")
 
 
-class IterativeSFTTrainer(Trainer):
+class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
     """Call `step()` with token ids or texts whenever you have new data; each call trains on it at once."""
 
     def __init__(

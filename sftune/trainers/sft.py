@@ -20,9 +20,24 @@ from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
 from ..memory import use_memory_efficient_mlp
-from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
+from ..models import (
+    check_finite_weights,
+    default_output_dir,
+    resolve_model,
+    resolve_processing_class,
+    tag_model,
+    takes_packed_rows,
+)
 from ..throughput import ThroughputMeter, training_flops_per_token
 from .model_card import write_model_card
+from .safety import (
+    AtomicCheckpoints,
+    InterruptHandler,
+    NonFiniteGuard,
+    interrupted_error,
+    read_extra_state,
+    resolve_resume_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +66,7 @@ PREPARED_COLUMNS = [
 ]
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(AtomicCheckpoints, Trainer):
     """Supervised fine-tuning trainer with TRL's `SFTTrainer` API.
 
     `model` may be a model instance, or a hub id / local path loaded with `args.model_init_kwargs`. Datasets may
@@ -137,6 +152,11 @@ class SFTTrainer(Trainer):
         self.model_id = model_id
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_tokens = {"train": 0, "eval": 0}
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        self._nonfinite_guard = NonFiniteGuard(args.on_nonfinite, check_gradients=not scaled)
+        self._interrupt = InterruptHandler()
+        self.add_callback(self._nonfinite_guard)
+        self.add_callback(self._interrupt)
 
     # ----------------------------------------------------------------------------------------------------------
     # Data
@@ -243,14 +263,53 @@ class SFTTrainer(Trainer):
             if values:
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics[mode] = defaultdict(list)
+        if prefix + "num_tokens" in logs:  # every rank logs together, so the count can be summed over them
+            logs[prefix + "num_tokens"] = float(sum_over_ranks(self._num_tokens[mode], self.args.device))
+        if mode == "train" and self._nonfinite_guard.skipped_steps:
+            logs["skipped_nonfinite_steps"] = self._nonfinite_guard.skipped_steps
         if mode == "train" and "loss" in logs:
             logs.update(self._throughput.measure(self._num_tokens["train"]))
         super().log(logs, start_time)
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_guard.observe_loss(loss)  # the raw value, before transformers' logging filter
+        return loss
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        tokens = read_extra_state(checkpoint).get("num_tokens", 0)
+        # The checkpoint holds the total over ranks; rank 0 carries it so that the sum over ranks stays right.
+        self._num_tokens["train"] = tokens if self.is_world_process_zero() else 0
         self._throughput = ThroughputMeter(training_flops_per_token(self.model), self.args.device.type)
         self._throughput.last_tokens = self._num_tokens["train"]
-        return super().train(*args, **kwargs)
+        self._interrupt.install()
+        try:
+            output = super().train(checkpoint, *args, **kwargs)
+        finally:
+            self._interrupt.uninstall()
+        if self._interrupt.requested:
+            raise interrupted_error(self.args.output_dir, self.state.global_step)
+        return output
+
+    def num_tokens_trained(self) -> int:
+        """Training tokens seen so far, summed over processes (and over runs resumed from checkpoints)."""
+        return sum_over_ranks(self._num_tokens["train"], self.args.device)
+
+    @property
+    def skipped_nonfinite_steps(self) -> int:
+        return self._nonfinite_guard.skipped_steps
+
+    def _checkpoint_extra_state(self) -> dict[str, Any]:
+        return {"num_tokens": self._num_tokens_at_save}
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._num_tokens_at_save = self.num_tokens_trained()  # a collective: every rank computes it
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        check_finite_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     # ----------------------------------------------------------------------------------------------------------
     # Saving
@@ -260,6 +319,14 @@ class SFTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
             write_model_card(Path(output_dir or self.args.output_dir), self)
+
+
+def sum_over_ranks(value: int, device: Any) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return int(value)
+    total = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def count_real_tokens(inputs: dict[str, Any]) -> int:
@@ -321,6 +388,10 @@ def _prepare_peft_model(model: Any, peft_config: Any, args: SFTConfig) -> Any:
         )
     elif args.gradient_checkpointing:
         model.enable_input_require_grads()
+    # Adapters are initialised from args.seed: the same seed gives the same run, whatever ran before.
+    from transformers import set_seed
+
+    set_seed(args.seed)
     with warnings.catch_warnings():
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
