@@ -153,6 +153,7 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; without one it only warns
+        use_cpu_for_bf16(self)
         super().__post_init__()
 
     @property
@@ -168,6 +169,29 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"Unknown dataset_kwargs {sorted(unknown)}; known keys: {sorted(options)}.")
         options.update(self.dataset_kwargs or {})
         return options
+
+
+def cpu_supports_bf16() -> bool:
+    """oneDNN has bf16 kernels for this CPU (x86 with AVX-512 or AMX, Arm with BF16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def use_cpu_for_bf16(args: TrainingArguments) -> None:
+    """`bf16=True` on a machine without a GPU trains on the CPU in bf16 mixed precision (accelerate's autocast;
+    fp32 weights and optimizer state), instead of transformers' error asking for `use_cpu=True`."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    wants_bf16 = args.bf16 or args.bf16_full_eval
+    if not wants_bf16 or args.use_cpu or torch.cuda.is_available():
+        return  # a CUDA GPU without bf16 gets transformers' own message
+    if is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return
+    if not cpu_supports_bf16():
+        raise ValueError(
+            "bf16=True, but this machine has no GPU and its CPU has no bfloat16 support (x86 AVX-512 or AMX, "
+            "Arm BF16): set bf16=False to train in float32."
+        )
+    args.use_cpu = True
 
 
 def _maybe_json(value: Any, name: str) -> Any:
@@ -199,13 +223,23 @@ class IterativeSFTConfig(TrainingArguments):
         default=False, metadata={"help": "Free cached accelerator memory after every step (a no-op on CPU)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
+            "(0: the model's own loss over full logits)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0 turns chunking off), got {self.loss_chunk_size}.")
         if self.truncation_mode not in ("keep_end", "keep_start"):
             raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
+        use_cpu_for_bf16(self)
         super().__post_init__()

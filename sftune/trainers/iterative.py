@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..config import IterativeSFTConfig
 from ..data.collators import IGNORE_INDEX, pad_rows
+from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class IterativeSFTTrainer(Trainer):
         processing_class = resolve_processing_class(processing_class, model_id)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        enable_chunked_loss(model, args.loss_chunk_size)  # before accelerate wraps the forward
         super().__init__(
             model=model,
             args=args,
