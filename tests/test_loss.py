@@ -196,3 +196,33 @@ def test_completion_collator_row_without_template_trains_on(tiny_llama_plain_pat
         trainer.train()
     assert trainer.state.global_step == 4
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_evaluation_with_compute_metrics_gets_full_logits(tiny_llama_path, tmp_path):
+    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in ["red", "blue", "green", "teal"]]
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"rows": float(len(prediction.predictions))}
+
+    args = small_args(tmp_path, per_device_eval_batch_size=2, padding_free=False)
+    trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows), compute_metrics=compute_metrics)  # fmt: skip
+    metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == 4.0 and seen[0][-1] == trainer.model.config.vocab_size
+    assert trainer._chunked_loss is not None
+    plain = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows),
+                       eval_dataset=Dataset.from_list(rows))  # fmt: skip
+    assert abs(plain.evaluate()["eval_loss"] - metrics["eval_loss"]) < 1e-5  # chunked eval loss == full-logits one
+
+
+def test_iterative_trainer_step_uses_the_chunked_loss(tiny_llama_path, tmp_path):
+    from sftune import IterativeSFTConfig, IterativeSFTTrainer
+
+    args = IterativeSFTConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", learning_rate=1e-3)
+    trainer = IterativeSFTTrainer(str(tiny_llama_path), args=args)
+    ids = torch.randint(5, trainer.model.config.vocab_size, (1, 8))
+    assert trainer.model(input_ids=ids, labels=ids).logits is None
+    stats = trainer.step(texts=["Say red:"], texts_labels=[" red red"])
+    assert stats["optimizer_steps"] == 1 and stats["loss"] > 0
