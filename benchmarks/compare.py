@@ -230,7 +230,7 @@ def print_table(results: list[dict]) -> None:
     for (config, precision, impl), runs in groups.items():
         s = summaries[(config, precision, impl)] = summarize(runs)
         step = common_step[config]
-        loss = statistics.median(r["losses"][step - 1] for r in runs) if step else float("nan")
+        loss = s["loss"] = statistics.median(r["losses"][step - 1] for r in runs) if step else float("nan")
         short = " (< 60 s)" if s["seconds"] < 60 else ""
         print(f"{config:16} {precision:5} {impl:7} {s['runs']:4d} {s['seconds']:8.1f} {s['tok_s']:8.1f} "
               f"{s['spread']:7.1%} {s['rss']:8.2f} {step:5d} {loss:8.4f}{short}")  # fmt: skip
@@ -244,7 +244,8 @@ def print_table(results: list[dict]) -> None:
         if trl:
             parts.append(f"vs TRL: {s['tok_s'] / trl['tok_s']:.2f}x tok/s, {s['rss'] / trl['rss']:.2f}x RSS")
         if precision != "fp32" and fp32:
-            parts.append(f"vs sftune fp32: {s['tok_s'] / fp32['tok_s']:.2f}x tok/s, {s['rss'] / fp32['rss']:.2f}x RSS")
+            parts.append(f"vs sftune fp32: {s['tok_s'] / fp32['tok_s']:.2f}x tok/s, {s['rss'] / fp32['rss']:.2f}x RSS, "
+                         f"loss {s['loss'] / fp32['loss'] - 1:+.2%}")  # fmt: skip
         if parts:
             print(f"  sftune {config} {precision}: " + "; ".join(parts))
 
