@@ -77,6 +77,8 @@ def main() -> None:
             run["optimizer"].zero_grad(set_to_none=True)
             run["times"].append(time.perf_counter() - started)
             run["losses"].append(round(loss.item(), 5))
+            print(json.dumps({"variant": name, "seconds": round(run["times"][-1], 2), "loss": run["losses"][-1]}),
+                  file=sys.stderr, flush=True)  # fmt: skip
     summary = {}
     for name, run in runs.items():
         times = run["times"][1:]  # the first step warms up (and compiles)

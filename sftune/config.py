@@ -176,6 +176,13 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 instructions in hardware (x86 AVX512-BF16 or AMX), where bf16 autocast trains faster than fp32; with
+    AVX-512 alone oneDNN emulates bf16, correct but not faster."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def use_cpu_for_bf16(args: TrainingArguments) -> None:
     """`bf16=True` on a machine without a GPU trains on the CPU in bf16 mixed precision (accelerate's autocast;
     fp32 weights and optimizer state), instead of transformers' error asking for `use_cpu=True`."""
