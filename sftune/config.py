@@ -169,18 +169,11 @@ class SFTConfig(TrainingArguments):
         self.max_length = self.max_seq_length
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0 (0 turns chunking off), got {self.loss_chunk_size}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; without one it only warns
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # torchrun on CPU: without these, transformers runs N independent copies of the job.
-                self.use_cpu = True
-                self.ddp_backend = self.ddp_backend or "gloo"
+        apply_machine_defaults(self)
         super().__post_init__()
 
     @property
@@ -237,6 +230,7 @@ NUMERIC_FIELDS: dict[str, tuple[float, float, bool, bool, str]] = {
     "save_total_limit": (1, math.inf, True, True, "checkpoints"),
     "label_smoothing_factor": (0, 1, True, False, "a fraction"),
     "neftune_noise_alpha": (0, math.inf, True, True, "a noise scale"),
+    "loss_chunk_size": (0, math.inf, True, False, "tokens per loss chunk (0: the model's own loss)"),
     "seed": (0, 2**32 - 1, True, False, "a seed"),
     "data_seed": (0, 2**32 - 1, True, True, "a seed"),
 }
@@ -261,6 +255,48 @@ def validate_numeric_fields(config: Any) -> None:
         raise ValueError(
             f"max_steps must be a positive number of steps (-1: train num_train_epochs), got {max_steps!r}."
         )
+
+
+def cpu_supports_bf16() -> bool:
+    """oneDNN has bf16 kernels for this CPU (x86 with AVX-512 or AMX, Arm with BF16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 instructions in hardware (x86 AVX512-BF16 or AMX), where bf16 autocast trains faster than fp32; with
+    AVX-512 alone oneDNN emulates bf16, correct but not faster."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def apply_machine_defaults(args: TrainingArguments) -> None:
+    """Settings that follow from the machine, shared by both configs: on a machine without a CUDA GPU, no pinned
+    memory (it only warns), torchrun trains one job over gloo, and bf16 means CPU mixed precision."""
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun on CPU: without these, transformers runs N independent copies of the job.
+            args.use_cpu = True
+            args.ddp_backend = args.ddp_backend or "gloo"
+    use_cpu_for_bf16(args)
+
+
+def use_cpu_for_bf16(args: TrainingArguments) -> None:
+    """`bf16=True` on a machine without a GPU trains on the CPU in bf16 mixed precision (accelerate's autocast;
+    fp32 weights and optimizer state), instead of transformers' error asking for `use_cpu=True`."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    wants_bf16 = args.bf16 or args.bf16_full_eval
+    if not wants_bf16 or args.use_cpu or torch.cuda.is_available():
+        return  # a CUDA GPU without bf16 gets transformers' own message
+    if is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return
+    if not cpu_supports_bf16():
+        raise ValueError(
+            "bf16=True, but this machine has no GPU and its CPU has no bfloat16 support (x86 AVX-512 or AMX, "
+            "Arm BF16): set bf16=False to train in float32."
+        )
+    args.use_cpu = True
 
 
 def _maybe_json(value: Any, name: str) -> Any:
@@ -292,6 +328,13 @@ class IterativeSFTConfig(TrainingArguments):
         default=False, metadata={"help": "Free cached accelerator memory after every step (a no-op on CPU)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
+            "(0: the model's own loss over full logits)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
@@ -300,6 +343,5 @@ class IterativeSFTConfig(TrainingArguments):
             raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False
+        apply_machine_defaults(self)
         super().__post_init__()

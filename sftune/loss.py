@@ -1,26 +1,92 @@
-"""Causal-LM loss without the full (tokens x vocabulary) logits.
+"""Causal-LM loss without the full (tokens x vocabulary) logits, computed inside the model's own forward.
 
-The model body gives hidden states; only positions that have a label go through the output layer, in chunks
-whose logits are recomputed in the backward pass instead of stored. The result equals the usual cross-entropy
-(sum over labelled tokens / their count) to float precision, for a fraction of the memory, and skips the
-output layer for prompt and padding tokens entirely.
+`enable_chunked_loss(model)` gives the causal LM a forward that, when called with `labels`, runs the model's body,
+sends only the positions that have a label through the output layer, in chunks whose logits are recomputed in the
+backward pass instead of stored, and returns the usual output with that loss (and no logits). Because it is the
+model's forward that does this, everything that wraps or hooks the forward sees a normal call: DDP and FSDP
+gradient sync, accelerate's mixed-precision autocast, PEFT, torch.compile, forward hooks. Without labels
+(generation, evaluation that needs logits) the model's own forward runs unchanged.
+
+Only architectures whose output layer was checked are admitted (`HEAD_SCALES`), and at the first training step the
+loss is compared once with the model's own on a small slice of the batch; on a mismatch the model's own loss is
+used from then on, with one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+# model_type -> the factor the model multiplies its output layer's logits by (None: 1). Each entry was checked by
+# tests/test_loss.py::test_allowlisted_architecture_matches_its_own_loss on a tiny random model of that type
+# (loss and every gradient equal to the model's own), after reading its ForCausalLM.forward in transformers 5.23:
+# logits = lm_head(hidden) [* scale], then the shared ForCausalLMLoss.
+HEAD_SCALES: dict[str, Callable[[Any], float | None]] = {
+    "llama": lambda config: None,
+    "mistral": lambda config: None,
+    "qwen2": lambda config: None,
+    "qwen3": lambda config: None,
+    "gemma": lambda config: None,
+    "phi3": lambda config: None,
+    "olmo2": lambda config: None,
+    "smollm3": lambda config: None,
+    "stablelm": lambda config: None,
+    "starcoder2": lambda config: None,
+    "granite": lambda config: 1.0 / config.logits_scaling,
+    "cohere": lambda config: config.logit_scale,
+}
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+# The first-step check compares on at most this many tokens of one row (a causal model's first n outputs depend
+# only on the first n tokens, so cutting the row is exact).
+CHECK_TOKENS = 256
+# Relative tolerance of the first-step check. Both losses come from the same hidden states through the same
+# weights; they differ only by summation order (~1e-7 relative in float32) or, under bf16/fp16 autocast, by how
+# the output layer's matmul is blocked for a different number of rows (each logit rounded to 8 bits of mantissa,
+# i.e. 4e-3 relative, errors that average out over thousands of logits to well under 1e-3 of the loss). A head
+# this check exists to catch (a missing scale, softcap or bias) changes the loss by far more than 1% on any
+# non-trivial model: Granite's logits_scaling is 4-16, Cohere's logit_scale 0.06-0.125.
+CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6}
+CHECK_RTOL_LOW_PRECISION = 1e-2
+
+
+@dataclass
+class ChunkedLoss:
+    """Per-model settings and what the last chunked forward counted (read by SFTTrainer's accuracy metric)."""
+
+    chunk_size: int
+    scale: float | None
+    active: bool = True  # False after a failed first-step check: the model's own loss from then on
+    checked: bool = False
+    suspended: int = 0  # > 0 inside `model_own_loss()`
+    labelled: int = 0
+    correct: int = 0
+
+    def take_counts(self) -> tuple[int, int]:
+        counts = (self.labelled, self.correct)
+        self.labelled = self.correct = 0
+        return counts
+
+
+def _chunk_loss(hidden, weight, bias, labels, scale):
     logits = F.linear(hidden, weight, bias)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # a stable softmax over the vocabulary needs at least float32
+    logits = logits.float()  # a stable softmax over the vocabulary needs at least float32 (autocast gives bf16)
+    if scale is not None:
+        logits = logits * scale
     loss = F.cross_entropy(logits, labels, reduction="sum")
     with torch.no_grad():
         correct = (logits.argmax(-1) == labels).sum()
@@ -33,46 +99,201 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy of `head(hidden)` against `labels` (both (batch, seq, ...), labels unshifted).
+    """Next-token cross-entropy of `head(hidden) * scale` against `labels` (both (batch, seq, ...), unshifted).
 
     Returns (loss, number of labelled tokens, number predicted correctly). The loss is summed over labelled
     tokens and divided by `num_items_in_batch` when given (token average over an accumulated batch), else by
-    the count here.
+    the count here. With no labelled token the loss is a zero still connected to the head and the hidden states,
+    so backward gives zero gradients (and DDP sees every parameter used) instead of failing.
     """
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
     selected = hidden[:, :-1][keep]
     targets = shifted[keep]
     count = targets.numel()
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if count == 0:
+        total = F.linear(selected, head.weight, head.bias).float().sum()  # an empty product: exactly 0
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, count, chunk_size):
         piece = slice(start, start + chunk_size)
         loss, right = checkpoint(
-            _chunk_loss, selected[piece], head.weight, head.bias, targets[piece], use_reentrant=False
+            _chunk_loss, selected[piece], head.weight, head.bias, targets[piece], scale, use_reentrant=False
         )
         total = total + loss
         correct += right
-    denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+    denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
+        denominator = denominator.to(total.device).clamp(min=1)
+    else:
+        denominator = max(denominator, 1)
     return total / denominator, torch.tensor(count), correct
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def causal_lm_of(model: Any) -> Any:
+    """The causal LM under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supports_chunked_loss(model: Any) -> bool:
-    """True for decoder-only LMs whose logits are a plain linear map of the last hidden state."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """True for causal LMs of an allowlisted architecture with a plain linear output layer."""
+    causal = causal_lm_of(model)
     config = getattr(causal, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+    if config is None or getattr(config, "model_type", None) not in HEAD_SCALES:
         return False
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return False  # logits are transformed after the output layer
     head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
     body = getattr(causal, "base_model", None)
     return isinstance(head, torch.nn.Linear) and body is not None and body is not causal
 
 
-def body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Linear]:
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal.base_model, causal.get_output_embeddings()
+def enable_chunked_loss(model: Any, chunk_size: int) -> ChunkedLoss | None:
+    """Make `model`'s forward compute the chunked loss when given labels; returns its settings, or None when the
+    architecture is not allowlisted (the model's own loss is then used). Call it before accelerate prepares the
+    model, so that mixed precision and distributed wrappers wrap this forward."""
+    if chunk_size <= 0 or not supports_chunked_loss(model):
+        return None
+    causal = causal_lm_of(model)
+    state = causal.__dict__.get("_sftune_chunked_loss")
+    if state is not None:
+        state.chunk_size = chunk_size
+        return state
+    state = ChunkedLoss(chunk_size, HEAD_SCALES[causal.config.model_type](causal.config))
+    causal._sftune_chunked_loss = state
+    # Bound to the instance (copy.deepcopy rebinds it to the copy); keeps the original signature, so the Trainer's
+    # column selection, loss-kwargs detection and generate() see the model's own parameters.
+    causal.forward = types.MethodType(_forward_with_chunked_loss(type(causal).forward), causal)
+    return state
+
+
+@contextlib.contextmanager
+def model_own_loss(state: ChunkedLoss | None) -> Iterator[None]:
+    """Within this block the model computes its own loss over full logits (evaluation that needs the logits)."""
+    if state is None:
+        yield
+        return
+    state.suspended += 1
+    try:
+        yield
+    finally:
+        state.suspended -= 1
+
+
+def _forward_with_chunked_loss(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state: ChunkedLoss = self._sftune_chunked_loss
+        own = functools.partial(original, self)
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        extra = dict(arguments.pop("kwargs", {}))
+        arguments.pop("self")
+        labels = arguments.get("labels")
+        if labels is None or state.suspended or not _plain_training_call(arguments, extra):
+            return own(*args, **kwargs)
+        if not state.active:
+            return _own_loss(own, arguments, extra)
+        if not state.checked and self.training and torch.is_grad_enabled():
+            _check_once(self, state, own, arguments, extra)
+            if not state.active:
+                return _own_loss(own, arguments, extra)
+        num_items_in_batch = extra.pop("num_items_in_batch", None)
+        outputs = self.base_model(**_body_inputs(arguments), **extra)
+        loss, count, correct = chunked_cross_entropy(
+            outputs.last_hidden_state,
+            self.get_output_embeddings(),
+            labels,
+            num_items_in_batch,
+            state.chunk_size,
+            state.scale,
+        )
+        state.labelled += int(count)
+        state.correct += int(correct)
+        return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    del forward.__wrapped__  # accelerate's unwrapping follows __wrapped__ and would strip this forward off
+    forward.__signature__ = signature
+    return forward
+
+
+def _plain_training_call(arguments: dict[str, Any], extra: dict[str, Any]) -> bool:
+    """A call the chunked loss computes exactly: no cache, no logit slicing, a dict output."""
+    return (
+        arguments.get("past_key_values") is None
+        and not arguments.get("logits_to_keep")
+        and extra.get("return_dict", True) is not False
+    )
+
+
+def _body_inputs(arguments: dict[str, Any]) -> dict[str, Any]:
+    body = {k: v for k, v in arguments.items() if k not in ("labels", "logits_to_keep", "use_cache")}
+    return {**body, "use_cache": False}
+
+
+def _own_loss(own: Callable, arguments: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """The model's own forward and loss; a batch without labelled tokens gives a zero loss (its mean is 0/0)."""
+    outputs = own(**arguments, **extra)
+    if not (arguments["labels"][:, 1:] != IGNORE_INDEX).any():
+        outputs.loss = torch.nan_to_num(outputs.logits.float()).sum() * 0
+    return outputs
+
+
+def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[str, Any], extra: dict) -> None:
+    """Compare the chunked loss with the model's own on one row (at most CHECK_TOKENS tokens) that has labels.
+
+    Runs without gradients and in eval mode (no dropout, so no random numbers drawn), once."""
+    labels = arguments["labels"]
+    labelled_rows = (labels[:, 1 : CHECK_TOKENS + 1] != IGNORE_INDEX).any(dim=1).nonzero()
+    if len(labelled_rows) == 0:
+        return  # nothing to compare on in this batch; try the next one
+    row = int(labelled_rows[0])
+    batch, length = labels.shape
+    cut = min(length, CHECK_TOKENS)
+
+    def one_row(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+            return value
+        value = value[row : row + 1]
+        if value.dim() >= 2 and value.shape[1] == length:
+            value = value[:, :cut]
+        if value.dim() == 4 and value.shape[-1] == length and value.shape[-2] == length:  # (batch, 1, q, k) mask
+            value = value[..., :cut, :cut]
+        return value
+
+    small = {key: one_row(value) for key, value in arguments.items()}
+    small_extra = {key: one_row(value) for key, value in extra.items() if key != "num_items_in_batch"}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = own(**small, **small_extra).loss.float()
+            outputs = model.base_model(**_body_inputs(small), **small_extra)
+            chunked, _, _ = chunked_cross_entropy(
+                outputs.last_hidden_state, model.get_output_embeddings(), small["labels"], None, state.chunk_size,
+                state.scale,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+    state.checked = True
+    low_precision = torch.is_autocast_enabled(reference.device.type) or model.dtype not in CHECK_RTOL
+    rtol = CHECK_RTOL_LOW_PRECISION if low_precision else CHECK_RTOL[model.dtype]
+    difference = abs(float(chunked) - float(reference))
+    if not difference <= rtol * max(1.0, abs(float(reference))):
+        state.active = False
+        logger.warning(
+            "The chunked loss (%.6f) differs from %s's own loss (%.6f) on the first batch, beyond the tolerance "
+            "%.0e: training with the model's own loss over full logits instead (more memory). Please report this "
+            "architecture; set loss_chunk_size=0 to skip this check.",
+            float(chunked),
+            type(model).__name__,
+            float(reference),
+            rtol,
+        )

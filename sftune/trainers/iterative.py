@@ -29,6 +29,7 @@ from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
 from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
+from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from .safety import AtomicCheckpoints
 
@@ -66,6 +67,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         tag_model(model)
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        enable_chunked_loss(model, args.loss_chunk_size)  # before accelerate wraps the forward
         if data_collator is None:
             # SFTTrainer's collator: padding-free rows, documents isolated, labels from the loss mask.
             data_collator = (

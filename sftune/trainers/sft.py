@@ -18,7 +18,7 @@ from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, convert_training_arg
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
-from ..loss import body_and_head, chunked_cross_entropy, supports_chunked_loss
+from ..loss import enable_chunked_loss, model_own_loss
 from ..memory import use_memory_efficient_mlp
 from ..models import (
     check_finite_weights,
@@ -112,6 +112,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             _maybe_enable_liger(args)
             if args.memory_efficient_mlp and not args.use_liger_kernel:
                 use_memory_efficient_mlp(model)
+        # Before the Trainer prepares the model: mixed precision and DDP/FSDP then wrap the loss-computing forward.
+        chunked = model is not None and not args.use_liger_kernel
+        self._chunked_loss = enable_chunked_loss(model, args.loss_chunk_size) if chunked else None
 
         if not args.dataset_options["skip_prepare_dataset"]:
 
@@ -208,39 +211,28 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        if not return_outputs and self._can_chunk_loss(model, inputs):
-            return self._chunked_loss(model, inputs, num_items_in_batch, mode)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # The model computes the chunked loss in its forward (sftune.loss); evaluation whose metrics read the
+        # logits needs them in full.
+        needs_logits = return_outputs and not self.args.prediction_loss_only and self._reads_logits()
+        with model_own_loss(self._chunked_loss if needs_logits else None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         self._record_accuracy(mode, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _can_chunk_loss(self, model: Any, inputs: dict[str, Any]) -> bool:
-        # Bypassing the wrapper's forward is only safe when nothing (DDP, FSDP, ...) wraps the model.
-        return (
-            self.args.loss_chunk_size > 0
-            and "labels" in inputs
-            and self.compute_loss_func is None
-            and self.label_smoother is None
-            and model is self.accelerator.unwrap_model(model)
-            and supports_chunked_loss(model)
-        )
-
-    def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any, mode: str) -> torch.Tensor:
-        body, head = body_and_head(model)
-        labels = inputs["labels"]
-        hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-        # Normalised by the accumulated batch's token count only where the Trainer then skips dividing by the
-        # accumulation steps (as it does for models that take num_items_in_batch themselves).
-        denominator = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss, count, correct = chunked_cross_entropy(hidden, head, labels, denominator, self.args.loss_chunk_size)
-        if count > 0:
-            self._metrics[mode]["mean_token_accuracy"].append(correct.item() / count.item())
-        return loss
+    def _reads_logits(self) -> bool:
+        return self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None
 
     @torch.no_grad()
     def _record_accuracy(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         labels = inputs.get("labels")
+        if logits is None and self._chunked_loss is not None:
+            total, correct = self._chunked_loss.take_counts()  # counted by the chunked loss in the forward
+            if total > 0:
+                self._metrics[mode]["mean_token_accuracy"].append(correct / total)
+            return
         if logits is None or labels is None or logits.dim() != 3:
             return
         if not self.model_is_encoder_decoder:

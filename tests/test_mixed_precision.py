@@ -1,0 +1,59 @@
+"""bf16=True on a machine without a GPU: bf16 autocast over fp32 master weights, no extra flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+import sftune.config
+from sftune import IterativeSFTConfig, SFTConfig, SFTTrainer
+
+ROWS = [{"prompt": f"Say {w}:", "completion": f" {w} {w} {w}"} for w in ["red", "blue", "green", "teal"] * 2]
+
+needs_cpu_bf16 = pytest.mark.skipif(
+    torch.cuda.is_available() or not sftune.config.cpu_supports_bf16(), reason="needs a CPU-only machine with bf16"
+)
+
+
+@needs_cpu_bf16
+def test_bf16_without_gpu_needs_no_extra_flag(tmp_path):
+    assert SFTConfig(output_dir=str(tmp_path), bf16=True).use_cpu
+    assert IterativeSFTConfig(output_dir=str(tmp_path), bf16=True).use_cpu
+    assert not SFTConfig(output_dir=str(tmp_path)).use_cpu
+
+
+def test_cpu_without_bf16_gets_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sftune.config, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(ValueError, match="no GPU and its CPU has no bfloat16 support.*bf16=False"):
+        SFTConfig(output_dir=str(tmp_path), bf16=True)
+
+
+def train(tiny_llama_path, tmp_path, bf16: bool):
+    args = SFTConfig(output_dir=str(tmp_path / f"bf16-{bf16}"), max_steps=3, per_device_train_batch_size=4,
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+                     disable_tqdm=True, bf16=bf16)  # fmt: skip
+    trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(ROWS))
+    seen = []
+    mlp = trainer.model.model.layers[0].mlp.down_proj
+    hook = mlp.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer.train()
+    hook.remove()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return trainer, set(seen), losses
+
+
+@needs_cpu_bf16
+def test_bf16_trains_in_mixed_precision_with_the_chunked_loss(tiny_llama_path, tmp_path):
+    trainer, dtypes, losses = train(tiny_llama_path, tmp_path, bf16=True)
+    assert trainer._chunked_loss is not None and trainer._chunked_loss.active  # the first-step check passed
+    assert dtypes == {torch.bfloat16}  # matmuls ran under autocast, inside the model's own forward
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # master weights
+    states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
+    assert states and {s["exp_avg"].dtype for s in states} == {torch.float32}
+    _, fp32_dtypes, fp32_losses = train(tiny_llama_path, tmp_path, bf16=False)
+    assert fp32_dtypes == {torch.float32}
+    for got, want in zip(losses, fp32_losses, strict=True):
+        assert abs(got - want) <= 0.01 * want  # the same training, to bf16 precision
+        assert got != want  # ... but really in bf16
