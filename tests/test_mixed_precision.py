@@ -57,3 +57,16 @@ def test_bf16_trains_in_mixed_precision_with_the_chunked_loss(tiny_llama_path, t
     for got, want in zip(losses, fp32_losses, strict=True):
         assert abs(got - want) <= 0.01 * want  # the same training, to bf16 precision
         assert got != want  # ... but really in bf16
+
+
+def test_mfu_is_measured_against_the_peak_of_the_precision_training_runs_in():
+    """Under bf16 autocast the matmuls run in bf16, so MFU must divide by the bf16 peak, not the fp32 one."""
+    from types import SimpleNamespace
+
+    from sftune.throughput import matmul_dtype, measured_matmul_flops
+
+    model = torch.nn.Linear(2, 2)
+    assert matmul_dtype(SimpleNamespace(bf16=True, fp16=False), model) == torch.bfloat16
+    assert matmul_dtype(SimpleNamespace(bf16=False, fp16=True), model) == torch.float16
+    assert matmul_dtype(SimpleNamespace(bf16=False, fp16=False), model) == torch.float32
+    assert measured_matmul_flops("cpu", size=64, repeats=1, dtype=torch.bfloat16) > 0

@@ -28,7 +28,7 @@ from ..models import (
     tag_model,
     takes_packed_rows,
 )
-from ..throughput import ThroughputMeter, training_flops_per_token
+from ..throughput import ThroughputMeter, matmul_dtype, training_flops_per_token
 from .model_card import write_model_card
 from .safety import (
     AtomicCheckpoints,
@@ -273,7 +273,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         tokens = read_extra_state(checkpoint).get("num_tokens", 0)
         # The checkpoint holds the total over ranks; rank 0 carries it so that the sum over ranks stays right.
         self._num_tokens["train"] = tokens if self.is_world_process_zero() else 0
-        self._throughput = ThroughputMeter(training_flops_per_token(self.model), self.args.device.type)
+        self._throughput = ThroughputMeter(
+            training_flops_per_token(self.model), self.args.device.type, matmul_dtype(self.args, self.model)
+        )
         self._throughput.last_tokens = self._num_tokens["train"]
         self._interrupt.install()
         try:
