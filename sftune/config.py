@@ -191,6 +191,33 @@ class SFTConfig(TrainingArguments):
         return options
 
 
+def trainer_config(
+    args: TrainingArguments | None,
+    config_class: type,
+    output_dir: str,
+    legacy_kwargs: dict[str, Any],
+    legacy_names: tuple[str, ...],
+    trainer_name: str,
+) -> Any:
+    """A trainer's `args` as `config_class`: made with defaults when None, converted from plain
+    `TrainingArguments`, and with the config fields old TRL versions took as trainer keyword arguments applied."""
+    unknown = set(legacy_kwargs) - set(legacy_names)
+    if unknown:
+        raise TypeError(f"{trainer_name} got unexpected keyword arguments {sorted(unknown)}.")
+    args = config_class(output_dir=output_dir) if args is None else convert_training_arguments(args, config_class)
+    if legacy_kwargs:
+        import warnings
+
+        warnings.warn(
+            f"Passing {sorted(legacy_kwargs)} to {trainer_name} is deprecated; set them on {config_class.__name__}.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        for key, value in legacy_kwargs.items():
+            setattr(args, key, value)
+    return args
+
+
 def convert_training_arguments(args: TrainingArguments, config_class: type) -> Any:
     """`args` as an instance of `config_class` (SFTConfig, IterativeSFTConfig): plain `TrainingArguments` are
     copied field by field, the extra fields keeping their defaults."""

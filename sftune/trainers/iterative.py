@@ -15,7 +15,6 @@ import gc
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerState, TrainingArguments, get_scheduler
 from transformers.trainer_callback import ExportableState
 
-from ..config import IterativeSFTConfig, convert_training_arguments
+from ..config import IterativeSFTConfig, trainer_config
 from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
 from ..data.formats import Segments
@@ -387,21 +386,10 @@ def text_and_target_segments(text: str, target: str, row: int) -> Segments:
 
 
 def _as_iterative_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> IterativeSFTConfig:
-    unknown = set(legacy_kwargs) - set(LEGACY_TRAINER_KWARGS)
-    if unknown:
-        raise TypeError(f"IterativeSFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
-    if args is None:
-        args = IterativeSFTConfig(output_dir=default_output_dir(model, "IterativeSFT"))
-    args = convert_training_arguments(args, IterativeSFTConfig)
-    if legacy_kwargs:
-        warnings.warn(
-            f"Passing {sorted(legacy_kwargs)} to IterativeSFTTrainer is deprecated; set them on IterativeSFTConfig.",
-            FutureWarning,
-            stacklevel=3,
-        )
-        for key, value in legacy_kwargs.items():
-            setattr(args, key, value)
-    return args
+    output_dir = default_output_dir(model, "IterativeSFT")
+    return trainer_config(
+        args, IterativeSFTConfig, output_dir, legacy_kwargs, LEGACY_TRAINER_KWARGS, "IterativeSFTTrainer"
+    )
 
 
 def _with_plain_rows(collator: Callable) -> Callable:

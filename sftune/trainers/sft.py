@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, convert_training_arguments
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
@@ -335,25 +335,10 @@ def count_real_tokens(inputs: dict[str, Any]) -> int:
 
 
 def _as_sft_config(args: Any, model: Any, legacy_kwargs: dict[str, Any]) -> SFTConfig:
-    unknown = set(legacy_kwargs) - set(LEGACY_TRAINER_KWARGS)
-    if unknown:
-        raise TypeError(f"SFTTrainer got unexpected keyword arguments {sorted(unknown)}.")
-    if args is None:
-        args = SFTConfig(output_dir=default_output_dir(model, "SFT"))
-    else:
-        args = convert_training_arguments(args, SFTConfig)
-    if legacy_kwargs:
-        warnings.warn(
-            f"Passing {sorted(legacy_kwargs)} to SFTTrainer is deprecated; set them on SFTConfig instead.",
-            FutureWarning,
-            stacklevel=3,
-        )
-        if "max_seq_length" in legacy_kwargs:
-            args.max_length = None
-        for key, value in legacy_kwargs.items():
-            setattr(args, key, value)
-        if "max_seq_length" in legacy_kwargs:
-            args.max_length = args.max_seq_length
+    output_dir = default_output_dir(model, "SFT")
+    args = trainer_config(args, SFTConfig, output_dir, legacy_kwargs, LEGACY_TRAINER_KWARGS, "SFTTrainer")
+    if "max_seq_length" in legacy_kwargs:
+        args.max_length = args.max_seq_length  # the two names of one setting
     return args
 
 
