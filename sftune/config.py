@@ -355,6 +355,13 @@ class IterativeSFTConfig(TrainingArguments):
         default=False, metadata={"help": "Free cached accelerator memory after every step (a no-op on CPU)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "When a step's loss or gradient norm is NaN/inf: 'stop' with an error (the default), or "
+            "'skip' the step and count it."
+        },
+    )
     loss_chunk_size: int = field(
         default=1024,
         metadata={
@@ -366,6 +373,8 @@ class IterativeSFTConfig(TrainingArguments):
     def __post_init__(self) -> None:
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         validate_numeric_fields(self)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.truncation_mode not in ("keep_end", "keep_start"):
             raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
         if self.max_length is not None and self.max_length < 1:

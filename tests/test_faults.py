@@ -369,3 +369,25 @@ def test_lora_with_dropout_resumes_exactly(tiny_llama_path, tmp_path):
     with pytest.raises(TrainingInterrupted):
         run("cut", callbacks=[CtrlC(at_step=2)])
     assert_same_weights(run("cut", resume=True), full)
+
+
+def test_iterative_step_stops_on_nan_and_can_skip(tiny_llama_path, tmp_path):
+    """IterativeSFTTrainer.step() runs its own optimizer loop; the same guard checks it."""
+    from sftune import IterativeSFTConfig, IterativeSFTTrainer
+
+    texts = ["one two three", "four five six seven"]
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "a"), report_to="none", save_strategy="no")
+    trainer = IterativeSFTTrainer(str(tiny_llama_path), args=args)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    poison_forward(trainer.model, on_calls={1})
+    with pytest.raises(NonFiniteTrainingError, match=r"step 1.*loss is nan"):
+        trainer.step(texts=texts)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+    args = IterativeSFTConfig(output_dir=str(tmp_path / "b"), report_to="none", save_strategy="no", on_nonfinite="skip")
+    trainer = IterativeSFTTrainer(str(tiny_llama_path), args=args)
+    poison_forward(trainer.model, on_calls={1})
+    trainer.step(texts=texts)  # skipped, counted
+    stats = trainer.step(texts=texts)  # trains
+    assert trainer.nonfinite_guard.skipped_steps == 1 and stats["optimizer_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

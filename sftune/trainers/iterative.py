@@ -30,7 +30,7 @@ from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
-from .safety import AtomicCheckpoints
+from .safety import AtomicCheckpoints, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.model_id = model_id
+        # The same check as SFTTrainer's, called by step() itself (no training loop here to fire callbacks).
+        self.nonfinite_guard = NonFiniteGuard(args.on_nonfinite, check_gradients=not args.fp16)
         self.create_optimizer()
         if self.lr_scheduler is None:
             self.lr_scheduler = self.make_scheduler()
@@ -302,7 +304,9 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
                 share = _count_targets_tensor(inputs["labels"], self.is_encoder_decoder) / max(targets, 1)
                 loss = outputs.loss * share
                 self.accelerator.backward(loss)
+                self.nonfinite_guard.observe_loss(loss)
                 group_loss += loss.item()
+            self.nonfinite_guard.on_pre_optimizer_step(args, self.state, self.control, model=self.model)
             if args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
             self.optimizer.step()
