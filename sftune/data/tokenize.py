@@ -409,7 +409,6 @@ def fit_to_max_length(
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """Wrap a tokenize function so that every row fits in `options.max_length`: truncated (recording how many tokens
     were dropped, in a `_tokens_dropped` column, or in `stream_report` for streams) or split into pieces."""
-    limit = options.max_length
 
     def fitted(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         whole = function(batch, indices)
@@ -418,14 +417,8 @@ def fit_to_max_length(
         out: dict[str, list] = {key: [] for key in keys}
         dropped = []
         for i, row in enumerate(rows):
-            ids, mask = whole["input_ids"][i], whole["loss_mask"][i]
-            if limit is None or len(ids) <= limit:
-                pieces = [slice(None)]
-            elif options.overlong == "split":
-                pieces = [slice(start, start + limit) for start in range(0, len(ids), limit)]
-            else:
-                truncate(ids, mask, options, row)  # refuses a row whose kept part has nothing to train on
-                pieces = [kept_slice(len(ids), limit, options.truncation_mode)]
+            ids = whole["input_ids"][i]
+            pieces = fitting_slices(ids, whole["loss_mask"][i], options, row)
             for piece in pieces:
                 for key in keys:
                     out[key].append(whole[key][i][piece])
@@ -438,6 +431,18 @@ def fit_to_max_length(
         return out
 
     return fitted
+
+
+def fitting_slices(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> list[slice]:
+    """The parts of an example that fit in `options.max_length`: all of it, `max_length` pieces
+    (`overlong="split"`), or the side `truncation_mode` keeps (refusing a row left with nothing to train on)."""
+    limit = options.max_length
+    if limit is None or len(ids) <= limit:
+        return [slice(None)]
+    if options.overlong == "split":
+        return [slice(start, start + limit) for start in range(0, len(ids), limit)]
+    truncate(ids, mask, options, row)
+    return [kept_slice(len(ids), limit, options.truncation_mode)]
 
 
 def report_truncation(name: str, options: TokenizeOptions, examples: int, tokens: int) -> None:

@@ -27,7 +27,7 @@ from ..config import IterativeSFTConfig, trainer_config
 from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
 from ..data.formats import Segments
-from ..data.tokenize import TokenizeOptions, kept_slice, tokenize_rows, truncate
+from ..data.tokenize import TokenizeOptions, fitting_slices, kept_slice, tokenize_rows
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from .safety import AtomicCheckpoints, NonFiniteGuard
@@ -232,8 +232,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
                 out.append({**{k: v[keep] for k, v in example.items()}, "labels": example["labels"][:limit]})
             else:
                 options = TokenizeOptions(max_length=limit, truncation_mode=self.args.truncation_mode)
-                truncate(example["input_ids"], example["loss_mask"], options, i)  # refuses a row left with no loss
-                keep = kept_slice(length, limit, self.args.truncation_mode)
+                (keep,) = fitting_slices(example["input_ids"], example["loss_mask"], options, i)
                 out.append({key: values[keep] for key, values in example.items()})
             cut, dropped = cut + 1, dropped + length - limit
         if cut:
