@@ -49,6 +49,25 @@ def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch
     return mask[:, None]
 
 
+def mask_for_attention(mask: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D boolean mask (True: may attend) in the form the attention backend reads. eager and flex_attention add a
+    tensor mask to the scores, so True/False would add 1/0 and mask nothing: they get 0 / the dtype's minimum."""
+    if mask.dtype == torch.bool and mask.dim() == 4 and attn_implementation in ("eager", "flex_attention"):
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def mask_for_model(batch: dict[str, Any], model: Any) -> dict[str, Any]:
+    """`batch` with a boolean 4D attention mask converted for `model`'s attention backend (collators that do not know
+    the model, e.g. `DataCollatorForCompletionOnlyLM(padding_free=True)`, give boolean masks)."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return batch
+    config = getattr(model, "config", None)
+    dtype = getattr(model, "dtype", torch.float32)
+    return {**batch, "attention_mask": mask_for_attention(mask, getattr(config, "_attn_implementation", None), dtype)}
+
+
 def position_ids_for(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     out = torch.zeros(len(seq_lengths), width, dtype=torch.long)
     for i, lengths in enumerate(seq_lengths):
@@ -117,11 +136,9 @@ class DataCollatorForSFT:
             batch["position_ids"] = position_ids_for(seq_lengths, width)
             if self.attn_implementation.startswith("flash"):
                 return batch
-            mask = block_causal_mask(seq_lengths, width)
-            # eager and flex_attention add a tensor mask to the scores: True/False would add 1/0 and mask nothing.
-            if self.attn_implementation in ("eager", "flex_attention"):
-                mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
-            batch["attention_mask"] = mask
+            batch["attention_mask"] = mask_for_attention(
+                block_causal_mask(seq_lengths, width), self.attn_implementation, self.dtype
+            )
             return batch
         attention = torch.zeros_like(input_ids)
         for i, row in enumerate(ids):

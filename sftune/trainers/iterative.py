@@ -25,7 +25,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..config import IterativeSFTConfig, trainer_config
 from ..data import formats
-from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, pad_rows
+from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model, pad_rows
 from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, fitting_slices, kept_slice, tokenize_rows
 from ..loss import enable_chunked_loss
@@ -249,7 +249,8 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # The collator's token count is for statistics (step() reads it); the model's forward does not take it.
-        return super()._prepare_inputs({key: value for key, value in inputs.items() if key != "num_tokens"})
+        inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
+        return super()._prepare_inputs(mask_for_model(inputs, self.model))
 
     def collate_seq2seq(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return {

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, trainer_config
-from ..data.collators import IGNORE_INDEX, DataCollatorForSFT
+from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..loss import enable_chunked_loss, model_own_loss
@@ -207,7 +207,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self._num_tokens[mode] += count_real_tokens(inputs)
         self._metrics[mode]["num_tokens"] = [float(self._num_tokens[mode])]
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
-        return super()._prepare_inputs(inputs)
+        return super()._prepare_inputs(mask_for_model(inputs, self.model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

@@ -76,3 +76,25 @@ def test_unknown_keyword_arguments_are_refused(tokenizer):
     with pytest.raises(TypeError, match="padding_fre"):
         DataCollatorForCompletionOnlyLM("### Answer:", tokenizer=tokenizer, padding_fre=True)
     DataCollatorForCompletionOnlyLM("### Answer:", tokenizer=tokenizer, mlm_probability=0.15)  # TRL passed it on
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_batches_train_exactly_on_every_attention_backend(
+    tokenizer, tiny_llama_plain_path, tmp_path, attn
+):
+    """The collator cannot know the model's attention backend; the trainer hands eager an additive mask, so the
+    padding-free loss equals the padded loss (eager adds a boolean mask to the scores and would mask nothing)."""
+    from datasets import Dataset
+
+    from sftune import SFTConfig, SFTTrainer
+
+    losses = {}
+    for padding_free in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_plain_path, attn_implementation=attn)
+        args = SFTConfig(output_dir=str(tmp_path / str(padding_free)), report_to="none", save_strategy="no",
+                         per_device_eval_batch_size=3, dataset_kwargs={"skip_prepare_dataset": True})  # fmt: skip
+        collator = DataCollatorForCompletionOnlyLM("### Answer:", tokenizer=tokenizer, padding_free=padding_free)
+        trainer = SFTTrainer(model, args=args, eval_dataset=Dataset.from_list(features(tokenizer)),
+                             data_collator=collator, processing_class=tokenizer)  # fmt: skip
+        losses[padding_free] = trainer.evaluate()["eval_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
