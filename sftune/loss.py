@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -82,15 +81,93 @@ class ChunkedLoss:
         return counts
 
 
-def _chunk_loss(hidden, weight, bias, labels, scale):
-    logits = F.linear(hidden, weight, bias)
-    logits = logits.float()  # a stable softmax over the vocabulary needs at least float32 (autocast gives bf16)
-    if scale is not None:
-        logits = logits * scale
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == labels).sum()
-    return loss, correct
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `linear(hidden, weight, bias) * scale` against `targets`, chunk by chunk.
+
+    The gradients are computed in the forward pass, while each chunk's logits exist anyway: softmax minus one-hot,
+    then the two matmuls of the output layer's backward. The backward only multiplies them by the incoming
+    gradient (the loss is a sum, so its gradient is that one scalar times these). Against recomputing each chunk
+    in the backward pass this saves one output-layer matmul and three full passes over the (chunk x vocabulary)
+    logits per chunk, and stores only (rows x hidden) plus the weight's gradient, never the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk_size):  # noqa: ANN001, ANN205
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)  # the dtype the model's own head would run in
+        else:
+            compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        with torch.autocast(device_type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = None if bias is None else bias.to(compute_dtype)
+            grad_hidden = torch.empty_like(h) if want_hidden else None
+            # Accumulated across chunks in the parameter's dtype, as autograd would.
+            grad_weight = torch.zeros_like(weight) if want_weight else None
+            grad_bias = torch.zeros_like(bias) if want_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            for start in range(0, targets.numel(), chunk_size):
+                rows = slice(start, start + chunk_size)
+                target = targets[rows]
+                logits = F.linear(h[rows], w, b)
+                if scale is not None:
+                    log_probs = torch.log_softmax(logits.float().mul_(scale), dim=-1)
+                else:  # float32 softmax straight from bf16/fp16 logits, without a float copy first
+                    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                del logits
+                picked = log_probs.gather(1, target[:, None])
+                total -= picked.sum()
+                correct += (log_probs.argmax(-1) == target).sum()
+                grad = log_probs.exp_()  # softmax, in place
+                grad.scatter_add_(1, target[:, None], torch.full_like(picked, -1.0))
+                if scale is not None:
+                    grad.mul_(scale)
+                grad = grad.to(compute_dtype)
+                if grad_hidden is not None:
+                    torch.mm(grad, w, out=grad_hidden[rows])
+                if grad_weight is not None:
+                    grad_weight += grad.t() @ h[rows]
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0)
+                del grad, log_probs
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+
+        def scaled(grad):  # noqa: ANN001, ANN202
+            return None if grad is None else grad * grad_total.to(grad.dtype)
+
+        hidden = scaled(grad_hidden)
+        return (
+            (None if hidden is None else hidden.to(ctx.hidden_dtype)),
+            scaled(grad_weight),
+            scaled(grad_bias),
+            None,
+            None,
+            None,
+        )
+
+
+def _sum_cross_entropy(hidden, weight, bias, targets, scale, chunk_size):
+    """Forward only (evaluation, the first-step check): no gradients to compute."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, targets.numel(), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = F.linear(hidden[rows], weight, bias).float()
+        if scale is not None:
+            logits = logits * scale
+        total = total + F.cross_entropy(logits, targets[rows], reduction="sum")
+        correct += (logits.argmax(-1) == targets[rows]).sum()
+    return total, correct
 
 
 def chunked_cross_entropy(
@@ -115,16 +192,11 @@ def chunked_cross_entropy(
     count = targets.numel()
     if count == 0:
         total = F.linear(selected, head.weight, head.bias).float().sum()  # an empty product: exactly 0
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    elif torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
+        total, correct = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, scale, chunk_size)
     else:
-        total = hidden.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, count, chunk_size):
-        piece = slice(start, start + chunk_size)
-        loss, right = checkpoint(
-            _chunk_loss, selected[piece], head.weight, head.bias, targets[piece], scale, use_reentrant=False
-        )
-        total = total + loss
-        correct += right
+        total, correct = _sum_cross_entropy(selected, head.weight, head.bias, targets, scale, chunk_size)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device).clamp(min=1)

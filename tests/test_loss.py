@@ -41,6 +41,35 @@ def test_chunked_loss_and_gradients_match_plain_cross_entropy(chunk_size, num_it
     assert correct == ((head(hidden)[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)).sum()
 
 
+def test_gradients_under_bf16_autocast_match_the_autocast_head_and_keep_float32_parameters():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 300, bias=False)
+    labels = torch.randint(0, 300, (2, 33))
+    labels[1, :9] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = plain_loss(head(hidden).float(), labels) * 3  # any multiple of the loss: grads scale with it
+        loss, _, _ = chunked_cross_entropy(hidden, head, labels, None, chunk_size=10)
+    ref_grads = torch.autograd.grad(reference, [hidden, head.weight])
+    grads = torch.autograd.grad(loss * 3, [hidden, head.weight])
+    torch.testing.assert_close(loss * 3, reference, atol=0, rtol=1e-3)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0.02)
+
+
+def test_frozen_head_gets_no_gradient_and_the_hidden_states_still_do():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 20, bias=False).double().requires_grad_(False)
+    labels = torch.randint(0, 20, (2, 9))
+    (want,) = torch.autograd.grad(plain_loss(head(hidden), labels), [hidden])
+    loss, _, _ = chunked_cross_entropy(hidden, head, labels, None, chunk_size=4)
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, want)
+    assert head.weight.grad is None
+
+
 def tiny_model(model_type: str, **overrides):
     values = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
