@@ -346,6 +346,7 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
         "tokens_per_second": round(tokens / seconds, 1),
         "train_seconds": round(seconds, 1),
         "steps": trainer.state.global_step,
+        "precision": "bf16 mixed" if sft_args.bf16 else "fp16 mixed" if sft_args.fp16 else "float32",
         "final_loss": losses[-1][1] if losses else result.training_loss,
         "saved_to": str(output_dir),
     }

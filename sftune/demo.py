@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM
 
 from . import tasks
 from .cli import run_sft
-from .config import cpu_has_native_bf16
 from .evaluate import exact_match
 from .models import load_tokenizer, smollm2_path
 
@@ -72,16 +71,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     before = evaluate_model(base, test, "before fine-tuning", max_new_tokens)
     output_dir = args.workdir / "model"
-    # bf16 mixed precision where the hardware has it (fp32 master weights; `--bf16 false` overrides).
-    precision = ["--bf16", "true"] if _fast_bf16() else []
-    print(f"precision: {'bf16 mixed' if precision else 'float32'}")
+    # Precision is the config's default: bf16 mixed where the hardware has it natively (`--bf16 false`: fp32).
     summary = run_sft(
         [
             "--config", str(args.recipe),
             "--model_name_or_path", str(base),
             "--dataset_name", str(train_file),
             "--output_dir", str(output_dir),
-            *precision,
             *overrides,
         ]
     )  # fmt: skip
@@ -94,12 +90,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  fine-tuned model:   {output_dir}  (loads with AutoModelForCausalLM.from_pretrained)")
     print(f"  total time:         {time.perf_counter() - started:.0f}s")
     return {"before": before, "after": after}
-
-
-def _fast_bf16() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Causal-LM loss without the full (tokens x vocabulary) logits, computed inside the model's own forward.
 
 `enable_chunked_loss(model)` gives the causal LM a forward that, when called with `labels`, runs the model's body,
-sends only the positions that have a label through the output layer, in chunks whose logits are recomputed in the
-backward pass instead of stored, and returns the usual output with that loss (and no logits). Because it is the
-model's forward that does this, everything that wraps or hooks the forward sees a normal call: DDP and FSDP
-gradient sync, accelerate's mixed-precision autocast, PEFT, torch.compile, forward hooks. Without labels
-(generation, evaluation that needs logits) the model's own forward runs unchanged.
+sends only the positions that have a label through the output layer, in chunks whose gradients are computed while
+their logits exist (so logits are neither stored nor recomputed), and returns the usual output with that loss (and
+no logits). Because it is the model's forward that does this, everything that wraps or hooks the forward sees a
+normal call: DDP and FSDP gradient sync, accelerate's mixed-precision autocast, PEFT, torch.compile, forward hooks.
+Without labels (generation, evaluation that needs logits) the model's own forward runs unchanged.
 
 Only architectures whose output layer was checked are admitted (`HEAD_SCALES`), and at the first training step the
 loss is compared once with the model's own on a small slice of the batch; on a mismatch the model's own loss is

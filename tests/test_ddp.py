@@ -32,7 +32,7 @@ def train(rank: int, world: int, port: int, model_path: str, out: str, chunk: in
     args = SFTConfig(output_dir=f"{out}/run", max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
                      learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                      disable_tqdm=True, use_cpu=True, ddp_backend="gloo" if world > 1 else None, loss_chunk_size=chunk,
-                     max_seq_length=64)  # fmt: skip
+                     max_seq_length=64, bf16=False)  # fmt: skip
     trainer = SFTTrainer(model_path, args=args, train_dataset=Dataset.from_list(ROWS))
     trainer.train()
     if rank == 0:

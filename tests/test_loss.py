@@ -178,7 +178,7 @@ def test_trainer_steps_are_identical_with_chunked_and_full_logits(tiny_llama_pat
         args = SFTConfig(output_dir=str(tmp_path / str(chunk)), max_steps=2, per_device_train_batch_size=2,
                          gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", save_strategy="no",
                          loss_chunk_size=chunk, gradient_checkpointing=gradient_checkpointing, seed=0,
-                         disable_tqdm=True, logging_steps=1)  # fmt: skip
+                         disable_tqdm=True, logging_steps=1, bf16=False)  # fmt: skip
         trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows))
         assert (trainer._chunked_loss is not None) == (chunk > 0)
         trainer.train()

@@ -1,10 +1,13 @@
-"""bf16=True on a machine without a GPU: bf16 autocast over fp32 master weights, no extra flag."""
+"""bf16 on a machine without a GPU: bf16 autocast over fp32 master weights, no extra flag; the default where native."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainingArguments
 
 import sftune.config
 from sftune import IterativeSFTConfig, SFTConfig, SFTTrainer
@@ -20,7 +23,7 @@ needs_cpu_bf16 = pytest.mark.skipif(
 def test_bf16_without_gpu_needs_no_extra_flag(tmp_path):
     assert SFTConfig(output_dir=str(tmp_path), bf16=True).use_cpu
     assert IterativeSFTConfig(output_dir=str(tmp_path), bf16=True).use_cpu
-    assert not SFTConfig(output_dir=str(tmp_path)).use_cpu
+    assert not SFTConfig(output_dir=str(tmp_path), bf16=False).use_cpu
 
 
 def test_cpu_without_bf16_gets_a_clear_message(tmp_path, monkeypatch):
@@ -70,3 +73,20 @@ def test_mfu_is_measured_against_the_peak_of_the_precision_training_runs_in():
     assert matmul_dtype(SimpleNamespace(bf16=False, fp16=True), model) == torch.float16
     assert matmul_dtype(SimpleNamespace(bf16=False, fp16=False), model) == torch.float32
     assert measured_matmul_flops("cpu", size=64, repeats=1, dtype=torch.bfloat16) > 0
+
+
+def cpuinfo_has_native_bf16() -> bool:
+    """From the kernel's CPU flags, independently of torch: AVX512-BF16 or AMX-BF16."""
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not Path("/proc/cpuinfo").exists(), reason="CPU-only Linux")
+def test_bf16_is_the_default_where_the_cpu_has_it_natively_and_an_explicit_value_wins(tmp_path):
+    native = cpuinfo_has_native_bf16()
+    for config_class in (SFTConfig, IterativeSFTConfig):
+        assert config_class(output_dir=str(tmp_path)).bf16 is native
+        assert config_class(output_dir=str(tmp_path), bf16=False).bf16 is False
+    # Plain TrainingArguments say bf16=False themselves: converted, they stay float32.
+    trainer_args = sftune.config.convert_training_arguments(TrainingArguments(output_dir=str(tmp_path)), SFTConfig)
+    assert trainer_args.bf16 is False

@@ -181,6 +181,7 @@ def train_losses(
         disable_tqdm=True,
         seed=0,
         max_length=128,
+        bf16=False,  # float32 unless a test asks for bf16 (the default would follow the machine)
     )
     values.update(overrides)
     trainer = SFTTrainer(
