@@ -40,6 +40,18 @@ def normalize_model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]
     return kwargs
 
 
+def bf16_field() -> Any:
+    """The bf16 field of both configs (a fresh Field each: dataclasses write into it)."""
+    return field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision (float32 master weights and optimizer state). Default (None): on where the "
+            "hardware runs bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and fp16 is not set, "
+            "as TRL's later configs do; float32 elsewhere. False: float32."
+        },
+    )
+
+
 @dataclass
 class SFTConfig(TrainingArguments):
     """Arguments of `SFTTrainer`: every `TrainingArguments` field plus the SFT-specific ones below.
@@ -58,14 +70,7 @@ class SFTConfig(TrainingArguments):
         default="text",
         metadata={"help": "Column holding the text, for plain-text datasets."},
     )
-    bf16: bool | None = field(
-        default=None,
-        metadata={
-            "help": "bf16 mixed precision (float32 master weights and optimizer state). Default (None): on where the "
-            "hardware runs bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and fp16 is not "
-            "set, as TRL's later configs do; float32 elsewhere. False: float32."
-        },
-    )
+    bf16: bool | None = bf16_field()
     packing: bool = field(
         default=False,
         metadata={"help": "Pack several examples into each row of the batch."},
@@ -366,14 +371,7 @@ class IterativeSFTConfig(TrainingArguments):
         metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
-    bf16: bool | None = field(
-        default=None,
-        metadata={
-            "help": "bf16 mixed precision (float32 master weights and optimizer state). Default (None): on where the "
-            "hardware runs bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and fp16 is not "
-            "set, as TRL's later configs do; float32 elsewhere. False: float32."
-        },
-    )
+    bf16: bool | None = bf16_field()
     truncation_mode: str = field(
         default="keep_end",
         metadata={"help": "'keep_end': drop tokens from the start; 'keep_start': drop tokens from the end."},
