@@ -145,7 +145,8 @@ def run_iterative(model, tokenizer, rows, precision: str, seconds: float, max_st
     started = time.perf_counter()
     while steps < max_steps and not (seconds and time.perf_counter() - started >= seconds):
         chunk = rows[steps * 8 : steps * 8 + 8]
-        stats = trainer.step(texts=[r["prompt"] for r in chunk], texts_labels=[r["completion"] for r in chunk])
+        stats = trainer.step(texts=[r["prompt"] + r["completion"] for r in chunk],
+                             texts_labels=[r["completion"] for r in chunk])  # fmt: skip
         losses.append(stats["loss"])
         tokens += stats["num_tokens"]
         steps += stats["optimizer_steps"]
