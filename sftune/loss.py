@@ -81,93 +81,79 @@ class ChunkedLoss:
         return counts
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `linear(hidden, weight, bias) * scale` against `targets`, chunk by chunk.
+def _linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size, wants=(False, False, False)):
+    """Summed cross-entropy of `linear(hidden, weight, bias) * scale` against `targets`, chunk by chunk, and the
+    number of correct predictions; plus, for each input flagged in `wants` (hidden, weight, bias), its gradient.
 
-    The gradients are computed in the forward pass, while each chunk's logits exist anyway: softmax minus one-hot,
-    then the two matmuls of the output layer's backward. The backward only multiplies them by the incoming
-    gradient (the loss is a sum, so its gradient is that one scalar times these). Against recomputing each chunk
-    in the backward pass this saves one output-layer matmul and three full passes over the (chunk x vocabulary)
-    logits per chunk, and stores only (rows x hidden) plus the weight's gradient, never the logits.
+    The gradients are computed while each chunk's logits exist anyway: softmax minus one-hot, then the two matmuls
+    of the output layer's backward. Against recomputing each chunk in the backward pass this saves one
+    output-layer matmul and three full passes over the (chunk x vocabulary) logits per chunk; only
+    (rows x hidden) and the weight's gradient are kept, never the logits. Under autocast the matmuls run in the
+    autocast dtype, as the model's own head would; the softmax is always float32.
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    with torch.autocast(device_type, enabled=False):
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        grad_hidden = torch.empty_like(h) if wants[0] else None
+        # Accumulated across chunks in the parameter's dtype, as autograd would.
+        grad_weight = torch.zeros_like(weight) if wants[1] else None
+        grad_bias = torch.zeros_like(bias) if wants[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            rows = slice(start, start + chunk_size)
+            target = targets[rows][:, None]
+            logits = F.linear(h[rows], w, b)
+            if scale is not None:
+                log_probs = torch.log_softmax(logits.float().mul_(scale), dim=-1)
+            else:  # float32 softmax straight from bf16/fp16 logits, without a float copy first
+                log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            picked = log_probs.gather(1, target)
+            total -= picked.sum()
+            correct += (log_probs.argmax(-1, keepdim=True) == target).sum()
+            if not any(wants):
+                continue
+            grad = log_probs.exp_()  # softmax, in place
+            grad.scatter_add_(1, target, torch.full_like(picked, -1.0))
+            if scale is not None:
+                grad.mul_(scale)
+            grad = grad.to(compute_dtype)
+            del log_probs
+            if grad_hidden is not None:
+                torch.mm(grad, w, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight += grad.t() @ h[rows]
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+    return total, correct, (grad_hidden, grad_weight, grad_bias)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """`_linear_cross_entropy` for autograd: the gradients come from the forward pass; the backward only multiplies
+    them by the incoming gradient (the loss is a sum, so its gradient is that one scalar times these)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, chunk_size):  # noqa: ANN001, ANN205
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)  # the dtype the model's own head would run in
-        else:
-            compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        with torch.autocast(device_type, enabled=False):
-            h = hidden.to(compute_dtype)
-            w = weight.to(compute_dtype)
-            b = None if bias is None else bias.to(compute_dtype)
-            grad_hidden = torch.empty_like(h) if want_hidden else None
-            # Accumulated across chunks in the parameter's dtype, as autograd would.
-            grad_weight = torch.zeros_like(weight) if want_weight else None
-            grad_bias = torch.zeros_like(bias) if want_bias else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            for start in range(0, targets.numel(), chunk_size):
-                rows = slice(start, start + chunk_size)
-                target = targets[rows]
-                logits = F.linear(h[rows], w, b)
-                if scale is not None:
-                    log_probs = torch.log_softmax(logits.float().mul_(scale), dim=-1)
-                else:  # float32 softmax straight from bf16/fp16 logits, without a float copy first
-                    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-                del logits
-                picked = log_probs.gather(1, target[:, None])
-                total -= picked.sum()
-                correct += (log_probs.argmax(-1) == target).sum()
-                grad = log_probs.exp_()  # softmax, in place
-                grad.scatter_add_(1, target[:, None], torch.full_like(picked, -1.0))
-                if scale is not None:
-                    grad.mul_(scale)
-                grad = grad.to(compute_dtype)
-                if grad_hidden is not None:
-                    torch.mm(grad, w, out=grad_hidden[rows])
-                if grad_weight is not None:
-                    grad_weight += grad.t() @ h[rows]
-                if grad_bias is not None:
-                    grad_bias += grad.sum(0)
-                del grad, log_probs
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        wants = ctx.needs_input_grad[:3]
+        total, correct, grads = _linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size, wants)
+        ctx.save_for_backward(*grads)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(correct)
         return total, correct
 
     @staticmethod
     def backward(ctx, grad_total, _grad_correct):  # noqa: ANN001, ANN205
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-
-        def scaled(grad):  # noqa: ANN001, ANN202
-            return None if grad is None else grad * grad_total.to(grad.dtype)
-
-        hidden = scaled(grad_hidden)
-        return (
-            (None if hidden is None else hidden.to(ctx.hidden_dtype)),
-            scaled(grad_weight),
-            scaled(grad_bias),
-            None,
-            None,
-            None,
-        )
-
-
-def _sum_cross_entropy(hidden, weight, bias, targets, scale, chunk_size):
-    """Forward only (evaluation, the first-step check): no gradients to compute."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, targets.numel(), chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits = F.linear(hidden[rows], weight, bias).float()
-        if scale is not None:
-            logits = logits * scale
-        total = total + F.cross_entropy(logits, targets[rows], reduction="sum")
-        correct += (logits.argmax(-1) == targets[rows]).sum()
-    return total, correct
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        if grads[0] is not None:
+            grads[0] = grads[0].to(ctx.hidden_dtype)
+        return *grads, None, None, None
 
 
 def chunked_cross_entropy(
@@ -196,7 +182,7 @@ def chunked_cross_entropy(
     elif torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
         total, correct = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, scale, chunk_size)
     else:
-        total, correct = _sum_cross_entropy(selected, head.weight, head.bias, targets, scale, chunk_size)
+        total, correct, _ = _linear_cross_entropy(selected, head.weight, head.bias, targets, scale, chunk_size)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device).clamp(min=1)

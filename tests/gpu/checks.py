@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from datasets import Dataset
 
@@ -247,6 +248,23 @@ def assert_same_adapters(trained: Any, reloaded: Any) -> None:
     assert saved.keys() == loaded.keys() and saved
     for key, value in saved.items():
         torch.testing.assert_close(loaded[key].to(value.device, value.dtype), value, atol=0, rtol=0)
+
+
+def assert_adapters_save_and_reload(
+    trainer: Any, model_path: Any, model_config: Any, folder: Any, autocast_dtype: torch.dtype | None, rel: float
+) -> None:
+    """Saving writes only the adapters; reloading them on the base model gives the same adapters and the same loss
+    on the training data (to `rel`), and switching them off loses what they learnt."""
+    trainer.save_model(str(folder))
+    assert (folder / "adapter_model.safetensors").exists()
+    assert not (folder / "model.safetensors").exists()
+    reloaded = reload_adapters(model_path, folder, model_config)
+    assert_same_adapters(trainer.model, reloaded)
+    batch = training_batch(trainer)
+    trained = eval_loss(trainer.model, batch, autocast_dtype)
+    assert eval_loss(reloaded, batch, autocast_dtype) == pytest.approx(trained, rel=rel)
+    with reloaded.disable_adapter():
+        assert eval_loss(reloaded, batch, autocast_dtype) > trained + 0.1  # the adapters learnt the data
 
 
 def training_batch(trainer: Any, n: int = 4) -> dict[str, torch.Tensor]:

@@ -84,13 +84,6 @@ def test_lora_loss_falls_saves_and_reloads_with_the_qlora_settings(learnable_lla
     model_config = ModelConfig(use_peft=True, lora_target_modules=["all-linear"], lora_dropout=0.0)
     trainer, losses = checks.lora_run(learnable_llama_path, tmp_path / "run", model_config, max_steps=12)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
-    trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    reloaded = checks.reload_adapters(learnable_llama_path, tmp_path / "adapter", model_config)
-    checks.assert_same_adapters(trainer.model, reloaded)
-    batch = checks.training_batch(trainer)
-    trained = checks.eval_loss(trainer.model, batch)
-    assert checks.eval_loss(reloaded, batch) == pytest.approx(trained, rel=1e-5)
-    with reloaded.disable_adapter():
-        assert checks.eval_loss(reloaded, batch) > trained + 0.1  # the adapters learnt the data
+    checks.assert_adapters_save_and_reload(
+        trainer, learnable_llama_path, model_config, tmp_path / "adapter", None, 1e-5
+    )

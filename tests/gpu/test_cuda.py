@@ -146,17 +146,10 @@ def test_qlora_trains_saves_and_reloads(gpu_model_path, bits, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
 
-    trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    reloaded = checks.reload_adapters(gpu_model_path, tmp_path / "adapter", model_config)
-    checks.assert_same_adapters(trainer.model, reloaded)
-    batch = checks.training_batch(trainer)
-    trained = checks.eval_loss(trainer.model, batch, torch.bfloat16)
     # Quantizing the same weights again gives the same codes, and the adapters are equal: the same model.
-    assert checks.eval_loss(reloaded, batch, torch.bfloat16) == pytest.approx(trained, rel=1e-3)
-    with reloaded.disable_adapter():
-        assert checks.eval_loss(reloaded, batch, torch.bfloat16) > trained + 0.1  # the adapters learnt the data
+    checks.assert_adapters_save_and_reload(
+        trainer, gpu_model_path, model_config, tmp_path / "adapter", torch.bfloat16, 1e-3
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
