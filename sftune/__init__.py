@@ -1,7 +1,5 @@
 """sftune: supervised fine-tuning of language models, with TRL's API."""
 
-__version__ = "0.1.0"
-
 from .chat import setup_chat_format
 from .config import IterativeSFTConfig, SFTConfig
 from .data.collators import DataCollatorForCompletionOnlyLM, DataCollatorForSFT
@@ -15,6 +13,7 @@ from .models import (
 )
 from .trainers.iterative import IterativeSFTTrainer
 from .trainers.sft import SFTTrainer
+from .version import __version__
 
 __all__ = [
     "ConstantLengthDataset",
@@ -25,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "SFTConfig",
     "SFTTrainer",
+    "__version__",
     "get_kbit_device_map",
     "get_peft_config",
     "get_quantization_config",

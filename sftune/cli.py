@@ -20,19 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.files import check_data_file, load_any_dataset, root_cause
+from .data.preview import preview_rows
+from .errors import (
+    CheckpointSaveError,
+    DatasetFormatError,
+    NonFiniteTrainingError,
+    NonFiniteWeightsError,
+    TrainingInterrupted,
+    UsageError,
+)
+
 logger = logging.getLogger("sftune")
-
-
-class UsageError(Exception):
-    """A mistake in the command line, the recipe or the files it names: shown as one line, exit code 2."""
-
-
-LOCAL_DATA_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
 
 
 @dataclass
@@ -161,111 +160,6 @@ def _usage_error(message: str) -> None:
     raise UsageError(f"{message}. Run `sftune sft --help` for the fields.")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Data loading
-# --------------------------------------------------------------------------------------------------------------
-
-
-def load_any_dataset(name: str, config: str | None = None, split: str = "train") -> Any:
-    """A local file (by extension), a dataset saved with save_to_disk, or a `datasets` name."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    path = Path(name).expanduser()
-    if path.is_file():
-        builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise UsageError(f"{name}: unsupported file type; use one of {sorted(LOCAL_DATA_BUILDERS)}.")
-        check_data_file(path)
-        # CSV cells are text: a column of numbers is still a completion, not an int column.
-        extra = {"features": _all_text_features(path)} if builder == "csv" else {}
-        try:
-            return load_dataset(builder, data_files=str(path), split="train", **extra)
-        except Exception as err:
-            if "corresponds to no data" in str(err):
-                raise UsageError(f"{name}: the file has no rows.") from err
-            raise UsageError(f"{name}: could not read it as {builder}: {_root_cause(err)}") from err
-    if path.is_dir():
-        if any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json")):
-            data = load_from_disk(str(path))
-            if isinstance(data, DatasetDict):
-                if split not in data:
-                    raise UsageError(f"{name} has splits {sorted(data)}, not {split!r}; choose one.")
-                return data[split]
-            return data
-    elif path.suffix.lower() in LOCAL_DATA_BUILDERS or name.startswith((".", "/", "~")):
-        raise UsageError(f"Dataset file {name} not found.")
-    try:
-        return load_dataset(name, config, split=split)
-    except Exception as err:
-        raise UsageError(
-            f"Could not load the dataset {name!r}: it is not a local file or dataset folder, and loading it by "
-            f"name failed ({_root_cause(err)}). Check the path, or give a local .jsonl/.json/.csv/.parquet file."
-        ) from err
-
-
-def check_data_file(path: Path) -> None:
-    """Refuse an empty file, bytes that are not UTF-8 and lines that are not JSON, naming the line.
-
-    Reads line by line, so that a large file is checked without holding it in memory."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        if path.stat().st_size == 0:
-            raise UsageError(f"{path}: the file is empty.")
-        return
-    offset, empty = 0, True
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UsageError(
-                    f"{path}: line {number} is not UTF-8 (byte {line[err.start]:#04x} at byte offset "
-                    f"{offset + err.start} of the file, {err.start} of the line). Re-save the file as UTF-8."
-                ) from err
-            offset += len(line)
-            empty = empty and not text.strip()
-            if suffix == ".jsonl" and text.strip():
-                _check_json_line(path, number, text)
-    if empty:
-        raise UsageError(f"{path}: the file is empty.")
-    if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        try:
-            json.loads(text)
-        except json.JSONDecodeError:  # a .json file may hold one object per line
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    _check_json_line(path, number, line)
-
-
-def _check_json_line(path: Path, number: int, line: str) -> None:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}).") from err
-    if not isinstance(value, dict):
-        raise UsageError(
-            f"{path}: line {number} is a JSON {type(value).__name__}; each line must be an object {{...}}."
-        )
-
-
-def _all_text_features(path: Path) -> Any:
-    import csv
-
-    from datasets import Features, Value
-
-    with path.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), [])
-    return Features({column: Value("string") for column in header})
-
-
-def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
-
-
 def load_model_for_cli(name: str, kwargs: dict[str, Any]) -> Any:
     """`load_model` with the user's mistakes (no such folder, a file, no network) as one-line errors."""
     from .models import load_model
@@ -281,7 +175,7 @@ def load_model_for_cli(name: str, kwargs: dict[str, Any]) -> Any:
         return load_model(str(path) if path.exists() else name, kwargs)
     except (OSError, ValueError) as err:
         where = "" if path.exists() else " It is not a local folder, and downloading it by name failed."
-        raise UsageError(f"Could not load the model {name!r}:{where} {_root_cause(err)}") from err
+        raise UsageError(f"Could not load the model {name!r}:{where} {root_cause(err)}") from err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,7 +185,6 @@ def load_model_for_cli(name: str, kwargs: dict[str, Any]) -> Any:
 
 def run_sft(argv: list[str]) -> dict[str, Any]:
     """Train as the arguments say; print and return a summary."""
-    from .data.formats import DatasetFormatError
     from .models import get_peft_config
     from .trainers.safety import resolve_resume_checkpoint
     from .trainers.sft import SFTTrainer
@@ -432,7 +325,7 @@ def run_eval(argv: list[str]) -> float:
         model = AutoModelForCausalLM.from_pretrained(args.model)
         tokenizer = load_tokenizer(args.model)
     except OSError as err:
-        raise UsageError(f"Could not load the model {args.model!r}: {_root_cause(err)}") from err
+        raise UsageError(f"Could not load the model {args.model!r}: {root_cause(err)}") from err
     accuracy, replies = exact_match(
         model,
         tokenizer,
@@ -450,8 +343,6 @@ def run_eval(argv: list[str]) -> float:
 
 def run_preview(argv: list[str]) -> None:
     """Show what rows become: the tokens the model sees, with the trained ones marked."""
-    from .data.preview import preview_rows
-
     parser = argparse.ArgumentParser(prog="sftune preview", description=run_preview.__doc__)
     parser.add_argument("--model", required=True, help="model or tokenizer path/id")
     parser.add_argument("--dataset", required=True)
@@ -475,10 +366,6 @@ INTERRUPTED_EXIT = 130
 def main(argv: list[str] | None = None) -> None:
     """Run a command. A user's mistake is one line on stderr and exit code 2, never a traceback
     (SFTUNE_DEBUG=1 shows it); a run that fails (NaN, full disk) exits 1, Ctrl-C 130."""
-    from .data.formats import DatasetFormatError
-    from .models import NonFiniteWeightsError
-    from .trainers.safety import CheckpointSaveError, NonFiniteTrainingError, TrainingInterrupted
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .constants import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 # model_type -> the factor the model multiplies its output layer's logits by (None: 1). Each entry was checked by
 # tests/test_loss.py::test_allowlisted_architecture_matches_its_own_loss on a tiny random model of that type

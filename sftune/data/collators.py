@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import IGNORE_INDEX
 from .packing import best_fit_decreasing
 
-IGNORE_INDEX = -100
 # DataCollatorForLanguageModeling arguments that TRL's collator passed on and that do not apply here.
 LANGUAGE_MODELING_KWARGS = ("mlm_probability", "seed", "tf_experimental_compile")
 

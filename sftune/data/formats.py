@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..errors import DatasetFormatError
 from . import chat_spans
 
 Segments = list[tuple[str, bool]]
@@ -23,10 +24,6 @@ FORMATTING_FUNC = "formatting_func"
 TOKENIZED = "tokenized"
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class DatasetFormatError(ValueError):
-    """A row of the dataset cannot be used; the message names the row, the column and the fix."""
 
 
 def detect_format(column_names: Sequence[str], text_field: str | None, has_formatting_func: bool) -> str:

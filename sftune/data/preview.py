@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ..models import load_tokenizer
+from .files import load_any_dataset
 from .tokenize import TokenizeOptions, prepare_dataset
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -42,11 +46,6 @@ def preview_rows(
     color: str = "auto",
 ) -> list[dict[str, Any]]:
     """Print the first `rows` rows of a dataset as sftune will train on them, and return them."""
-    import yaml
-
-    from ..cli import load_any_dataset
-    from ..models import load_tokenizer
-
     recipe = yaml.safe_load(Path(config).read_text()) if config else {}
     tokenizer = load_tokenizer(model)
     options = TokenizeOptions(

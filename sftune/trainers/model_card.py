@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import sftune
-from sftune.models import MODEL_TAGS
+from ..models import MODEL_TAGS
+from ..version import __version__
 
 CARD = """---
 library_name: transformers
@@ -52,7 +52,7 @@ def write_model_card(output_dir: Path, trainer: Any) -> Path:
         tags="\n".join(f"- {tag}" for tag in tags),
         base_model=trainer.model_id or "unknown",
         name=output_dir.name,
-        version=sftune.__version__,
+        version=__version__,
         method="LoRA adapters (PEFT)" if is_peft else "full fine-tuning",
         learning_rate=args.learning_rate,
         epochs=args.num_train_epochs if args.max_steps <= 0 else "-",

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..errors import CheckpointSaveError, NonFiniteTrainingError, TrainingInterrupted
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -31,22 +33,6 @@ TRAINER_STATE = "trainer_state.json"
 # sftune's own counters that transformers' TrainerState has no field for.
 SFTUNE_STATE = "sftune_state.json"
 NONFINITE_MODES = ("stop", "skip")
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """The loss or the gradient norm stopped being a finite number."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (disk full, ...); nothing half-written was left behind."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after saving a resumable checkpoint (`checkpoint`)."""
-
-    def __init__(self, message: str, checkpoint: str | None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 # --------------------------------------------------------------------------------------------------------------
