@@ -15,7 +15,7 @@ help:
 	@echo "make demo    fine-tune SmolLM2-135M-Instruct on the bundled task and show it improved"
 	@echo "make test    unit tests on tiny models, then the slow end-to-end tests (SKIP_SLOW=1 skips them)"
 	@echo "make bench   sftune vs TRL, side by side (installs trl in a separate venv)"
-	@echo "make lint    ruff check + format check"
+	@echo "make lint    ruff check + format check, import contracts (lint-imports), type check (mypy)"
 	@echo "(each creates .venv and installs what it needs on first use)"
 
 $(STAMP): pyproject.toml
@@ -54,9 +54,13 @@ $(BENCH)/.installed: pyproject.toml
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/compare.py --out runs/bench.jsonl
 
+# ruff (lint + format), the import contracts of pyproject's [tool.importlinter] (one-way layers, no cycles) and mypy
+# on sftune/ ([tool.mypy]).
 lint: venv
 	$(VENV)/bin/ruff check sftune tests benchmarks examples
 	$(VENV)/bin/ruff format --check sftune tests benchmarks examples
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: venv
 	$(VENV)/bin/ruff check --fix sftune tests benchmarks examples

@@ -67,7 +67,8 @@ class ConstantLengthDataset(IterableDataset):
         iterator = iter(self.dataset)
         more = True
         while more:
-            buffer, size = [], 0
+            buffer: list[Any] = []
+            size = 0.0  # characters, or token ids times chars_per_token
             while size < self.max_buffer_size:
                 try:
                     text = self.formatting_func(next(iterator))

@@ -85,9 +85,9 @@ def check_data_file(path: Path) -> None:
         try:
             json.loads(text)
         except json.JSONDecodeError:  # a .json file may hold one object per line
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    _check_json_line(path, number, line)
+            for number, json_line in enumerate(text.splitlines(), start=1):
+                if json_line.strip():
+                    _check_json_line(path, number, json_line)
 
 
 def _check_json_line(path: Path, number: int, line: str) -> None:

@@ -109,7 +109,9 @@ def _offsets(counts: np.ndarray) -> pa.Array:
 def _regroup(items: pa.ListArray, items_per_bin: np.ndarray) -> pa.ListArray:
     """Concatenate consecutive runs of `items_per_bin` lists into one list each."""
     item_lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
-    tokens_per_bin = np.add.reduceat(item_lengths, _offsets(items_per_bin).to_numpy()[:-1]) if len(items) else []
+    tokens_per_bin = (
+        np.add.reduceat(item_lengths, _offsets(items_per_bin).to_numpy()[:-1]) if len(items) else np.zeros(0)
+    )
     return pa.ListArray.from_arrays(_offsets(np.asarray(tokens_per_bin)), items.flatten())
 
 

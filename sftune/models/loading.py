@@ -164,7 +164,8 @@ MODEL_TAGS = ("sft", "sftune")
 
 def tag_model(model: Any) -> None:
     """Add sftune's tags to `model.model_tags` (the hub and the model card show them)."""
-    for target in (model, model.get_base_model() if hasattr(model, "get_base_model") else None):
+    targets = [model, model.get_base_model()] if hasattr(model, "get_base_model") else [model]
+    for target in targets:
         if hasattr(target, "add_model_tags"):
             target.add_model_tags(list(MODEL_TAGS))
 
