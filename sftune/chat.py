@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,7 +44,7 @@ class ChatMlSpecialTokens:
 
 def setup_chat_format(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     format: str = "chatml",
     resize_to_multiple_of: int | None = None,
 ) -> tuple[Any, Any]:

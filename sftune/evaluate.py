@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 
 @torch.inference_mode()
 def generate_replies(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict] | str],
     max_new_tokens: int = 32,
     batch_size: int = 32,
@@ -57,7 +58,7 @@ def generate_replies(
 
 def exact_match(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[dict],
     prompt_of: Callable[[dict], list[dict]],
     is_correct: Callable[[str, str], bool],

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ..constants import IGNORE_INDEX
 from .packing import best_fit_decreasing
@@ -190,7 +191,7 @@ class DataCollatorForCompletionOnlyLM:
         response_template: str | list[int],
         instruction_template: str | list[int] | None = None,
         *args: Any,
-        tokenizer: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         mlm: bool = False,
         ignore_index: int = IGNORE_INDEX,
         pad_to_multiple_of: int | None = None,
@@ -280,7 +281,7 @@ class DataCollatorForCompletionOnlyLM:
         )
 
 
-def template_candidates(template: str | list[int], tokenizer: Any) -> list[list[int]]:
+def template_candidates(template: str | list[int], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Token sequences a template may appear as: as given, and as it tokenizes after a newline or a space
     (without the context's own tokens, or together with them when the context merges into the first token)."""
     if isinstance(template, (list, tuple)):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
+from transformers import PreTrainedTokenizerBase
 
 
 def is_token_ids(value: Any) -> bool:
@@ -33,7 +34,7 @@ class ConstantLengthDataset(IterableDataset):
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         dataset: Any,
         dataset_text_field: str | None = None,
         formatting_func: Callable[[dict], str] | None = None,

@@ -7,27 +7,29 @@ text with these functions explicitly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+
+from transformers import PreTrainedTokenizerBase
 
 
-def conversations_formatting_function(tokenizer: Any, messages_field: str = "messages") -> Callable:
+def conversations_formatting_function(tokenizer: PreTrainedTokenizerBase, messages_field: str = "messages") -> Callable:
     """A formatting function rendering the `messages_field` conversation(s) with the tokenizer's chat template."""
 
     def format_rows(examples: dict[str, Any]) -> str | list[str]:
         value = examples[messages_field]
         if value and isinstance(value[0], list):  # a batch of conversations
-            return [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in value]
-        return tokenizer.apply_chat_template(value, tokenize=False)
+            return [_chat_text(tokenizer, conversation) for conversation in value]
+        return _chat_text(tokenizer, value)
 
     return format_rows
 
 
-def instructions_formatting_function(tokenizer: Any) -> Callable:
+def instructions_formatting_function(tokenizer: PreTrainedTokenizerBase) -> Callable:
     """A formatting function rendering `prompt`/`completion` as a user turn and an assistant turn."""
 
     def render(prompt: str, completion: str) -> str:
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        return tokenizer.apply_chat_template(turns, tokenize=False)
+        return _chat_text(tokenizer, turns)
 
     def format_rows(examples: dict[str, Any]) -> str | list[str]:
         if isinstance(examples["prompt"], list):
@@ -37,7 +39,7 @@ def instructions_formatting_function(tokenizer: Any) -> Callable:
     return format_rows
 
 
-def get_formatting_func_from_dataset(dataset: Any, tokenizer: Any) -> Callable | None:
+def get_formatting_func_from_dataset(dataset: Any, tokenizer: PreTrainedTokenizerBase) -> Callable | None:
     """The formatting function for a dataset of conversations (`messages` or `conversations` of role/content
     dicts) or of `prompt`/`completion` strings; None for any other dataset."""
     features = getattr(dataset, "features", None) or {}
@@ -58,3 +60,8 @@ __all__ = [
     "get_formatting_func_from_dataset",
     "instructions_formatting_function",
 ]
+
+
+def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
+    # With tokenize=False the template's rendering is a string (the union in transformers' annotation covers tokenize=True).
+    return cast(str, tokenizer.apply_chat_template(messages, tokenize=False))

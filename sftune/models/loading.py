@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from transformers import (
@@ -17,10 +17,14 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 from ..config import normalize_model_init_kwargs
 from ..errors import NonFiniteWeightsError
+
+# A tokenizer, or a processor (vision-language models) that wraps one; functions that take either return the same.
+TokenizerOrProcessor = TypeVar("TokenizerOrProcessor", bound=PreTrainedTokenizerBase | ProcessorMixin)
 
 
 def check_hardware_requirements(model_init_kwargs: dict[str, Any]) -> None:
@@ -120,13 +124,13 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
     return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path, **kwargs))
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def ensure_pad_token(tokenizer: TokenizerOrProcessor) -> TokenizerOrProcessor:
     """Give a tokenizer without a pad token one (EOS, else UNK).
 
     Safe because sftune never derives labels from pad ids: padding is known from positions, so EOS stays in the
     loss even when pad == eos.
     """
-    tok = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
+    tok = cast(PreTrainedTokenizerBase, getattr(tokenizer, "tokenizer", tokenizer))  # processors wrap a tokenizer
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
         if fallback is None:
@@ -148,8 +152,10 @@ def resolve_model(model: Any, model_init_kwargs: dict[str, Any] | None) -> tuple
 
 
 def resolve_processing_class(
-    processing_class: Any, model_id: str | None, model_init_kwargs: dict[str, Any] | None = None
-) -> Any:
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin | None,
+    model_id: str | None,
+    model_init_kwargs: dict[str, Any] | None = None,
+) -> PreTrainedTokenizerBase | ProcessorMixin:
     """The given tokenizer/processor, else the one saved with the model (found with the model's location
     arguments: subfolder, gguf_file, revision, token...); with a pad token either way."""
     if processing_class is None:
