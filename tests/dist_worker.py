@@ -105,6 +105,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--head_unit", action="store_true", help="FSDP2: the output layer is its own shard unit")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--state_dict_type", default="SHARDED_STATE_DICT")
+    parser.add_argument("--check_tokens", type=int, default=0, help="the first-step check's window (0: sftune's)")
     options = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # launched in the background: SIGINT ignored
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -112,6 +113,8 @@ def main(argv: list[str]) -> None:
 
     from sftune import SFTConfig, SFTTrainer
     from sftune.trainers.safety import NonFiniteTrainingError, TrainingInterrupted
+
+    check_windows = record_check_windows(options.check_tokens)
 
     engine = {}
     if world > 1 and options.engine == "fsdp2":
@@ -140,6 +143,10 @@ def main(argv: list[str]) -> None:
         ended = "nonfinite"
     if ended == "done":
         trainer.save_model(f"{options.out}/final")
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, check_windows)
+        check_windows = gathered
     if trainer.is_world_process_zero():
         history = [e for e in trainer.state.log_history if "loss" in e]
         state = trainer._chunked_loss
@@ -153,8 +160,27 @@ def main(argv: list[str]) -> None:
             "skipped": trainer.skipped_nonfinite_steps,
             "engine": engine_name(trainer),
             "chunked": state is not None and state.checked and state.active,
+            "check_windows": check_windows,  # per rank: did its first batch have a trained token in the window
         }
         Path(options.out, "result.json").write_text(json.dumps(result))
+
+
+def record_check_windows(check_tokens: int) -> list:
+    """Records whether this rank's batch had a trained token in the first-step check's window (optionally narrowed,
+    so that ranks disagree)."""
+    from sftune import loss
+
+    if check_tokens:
+        loss.CHECK_TOKENS = check_tokens
+    seen: list = []
+    original = loss._check_once
+
+    def check_once(model, state, own, arguments, extra):
+        seen.append(bool((arguments["labels"][:, 1 : loss.CHECK_TOKENS + 1] != -100).any()))
+        return original(model, state, own, arguments, extra)
+
+    loss._check_once = check_once
+    return seen
 
 
 def engine_name(trainer) -> str:

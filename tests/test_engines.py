@@ -96,3 +96,70 @@ def test_engine_matches_one_process_and_saves_a_plain_model(engine, tiny_llama_p
     result = launch(tiny_llama_path, tmp_path, "--engine", engine)
     assert result["engine"] == engine and result["chunked"]
     assert_same_run(result, single[0], tmp_path, single[1])
+
+
+def test_two_nodes_of_one_process_over_loopback_match_one_process(tiny_llama_path, single, tmp_path):
+    result = launch(tiny_llama_path, tmp_path, "--engine", "ddp", procs=1, nodes=2)
+    assert result["engine"] == "ddp" and result["chunked"]
+    assert_same_run(result, single[0], tmp_path, single[1])
+
+
+def test_fsdp2_first_step_check_is_decided_by_all_ranks(tiny_llama_path, single, tmp_path):
+    """The first-step check's window narrowed to 20 tokens: only rows with the shortest prompt (16 tokens) have a
+    trained token in it, so the ranks' first batches disagree; each forward gathers parameters under FSDP2, so a
+    check run by one rank alone would hang the job. The output layer is its own shard unit: the chunked loss must
+    gather it by calling it."""
+    result = launch(tiny_llama_path, tmp_path, "--engine", "fsdp2", "--check_tokens", "20", "--head_unit")
+    assert result["engine"] == "fsdp2" and result["chunked"]
+    first = [windows[0] for windows in result["check_windows"]]
+    assert len(set(first)) == 2, result["check_windows"]  # the ranks disagreed on the first batch
+    assert_same_run(result, single[0], tmp_path, single[1])
+
+
+@pytest.fixture(scope="module")
+def single_packed(tiny_llama_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_packed")
+    return launch(tiny_llama_path, out, "--packing", procs=1), out
+
+
+@pytest.mark.parametrize(
+    "engine", ["fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
+)
+def test_ctrl_c_on_one_rank_stops_all_and_resuming_matches_one_process(engine, tiny_llama_path, single_packed, tmp_path):
+    """Packed rows; SIGINT reaches rank 0 alone during step 3: both ranks finish step 3, save checkpoint-3 and stop;
+    resuming from it ends where one uninterrupted process ends."""
+    flags = ["--engine", engine, "--packing"] + (["--head_unit"] if engine == "fsdp2" else [])
+    stopped = launch(tiny_llama_path, tmp_path, *flags, "--interrupt_at", "3")
+    assert stopped["ended"] == "interrupted" and stopped["global_step"] == 3
+    assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.json").is_file()
+    resumed = launch(tiny_llama_path, tmp_path, *flags, "--resume")
+    assert resumed["ended"] == "done" and resumed["global_step"] == single_packed[0]["global_step"]
+    assert resumed["chunked"]
+    # The resumed run's history holds the checkpoint's (steps 1-3) and its own.
+    want = single_packed[0]
+    assert stopped["losses"] == pytest.approx(want["losses"][:3], rel=LOSS_RTOL)
+    assert resumed["losses"] == pytest.approx(want["losses"], rel=LOSS_RTOL)
+    assert resumed["learning_rates"] == pytest.approx(want["learning_rates"], rel=1e-9)
+    assert resumed["num_tokens"] == want["num_tokens"]
+    a, b = saved_weights(tmp_path), saved_weights(single_packed[1])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
+
+
+def test_fsdp2_nan_on_one_rank_stops_every_rank(tiny_llama_path, tmp_path):
+    """Rank 1's loss turns NaN at step 2 (rank 0's stays finite): the sharded gradient norm and the verdict are
+    global, so both ranks stop before applying it."""
+    result = launch(tiny_llama_path, tmp_path, "--engine", "fsdp2", "--nan_at", "2", "--nan_rank", "1")
+    assert result["ended"] == "nonfinite" and result["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "engine", ["fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
+)
+def test_nan_skip_mode_keeps_the_ddp_schedule(engine, tiny_llama_path, tmp_path):
+    """DeepSpeed skips a step with non-finite gradients itself but holds its learning-rate schedule back; sftune's
+    skip mode steps it, so the run follows DDP's schedule: same learning rates, losses and weights."""
+    flags = ["--nan_at", "2", "--nan_rank", "1", "--on_nonfinite", "skip"]
+    ddp = launch(tiny_llama_path, tmp_path / "ddp", "--engine", "ddp", *flags)
+    other = launch(tiny_llama_path, tmp_path / engine, "--engine", engine, *flags)
+    assert ddp["skipped"] == other["skipped"] == 1
+    assert_same_run(other, ddp, tmp_path / engine, tmp_path / "ddp")
