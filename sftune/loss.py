@@ -329,7 +329,8 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
 
     Runs without gradients and in eval mode (no dropout, so no random numbers drawn), once."""
     labels = arguments["labels"]
-    labelled_rows = (labels[:, 1 : CHECK_TOKENS + 1] != IGNORE_INDEX).any(dim=1).nonzero()
+    # The row is cut to CHECK_TOKENS tokens, whose shifted labels are positions 1 .. CHECK_TOKENS - 1.
+    labelled_rows = (labels[:, 1:CHECK_TOKENS] != IGNORE_INDEX).any(dim=1).nonzero()
     # Under sharded engines every forward gathers parameters (a collective): all ranks check together, or none.
     if not any_rank(len(labelled_rows) > 0, labels.device):
         return  # nothing to compare on in this batch on any rank; try the next one
@@ -369,6 +370,9 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
     mismatch = counts and not difference <= rtol * max(1.0, abs(float(reference)))
     if any_rank(mismatch, labels.device):  # one loss for all ranks: the same forward, the same collectives
         state.active = False
+        if not mismatch:
+            logger.warning("The chunked loss check failed on another process: training with the model's own loss.")
+            return
         logger.warning(
             "The chunked loss (%.6f) differs from %s's own loss (%.6f) on the first batch, beyond the tolerance "
             "%.0e: training with the model's own loss over full logits instead (more memory). Please report this "

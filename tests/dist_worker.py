@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--head_unit", action="store_true", help="FSDP2: the output layer is its own shard unit")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--state_dict_type", default="SHARDED_STATE_DICT")
-    parser.add_argument("--check_tokens", type=int, default=0, help="the first-step check's window (0: sftune's)")
+    parser.add_argument("--check_tokens", type=int, default=0, help="the last rank's first-step check window")
     options = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # launched in the background: SIGINT ignored
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -166,17 +166,18 @@ def main(argv: list[str]) -> None:
 
 
 def record_check_windows(check_tokens: int) -> list:
-    """Records whether this rank's batch had a trained token in the first-step check's window (optionally narrowed,
-    so that ranks disagree)."""
+    """Records whether this rank's batch had a trained token in the first-step check's window. `check_tokens`
+    narrows the last rank's window (to 1 token: no trained token in it), so that the ranks' batches disagree."""
     from sftune import loss
 
-    if check_tokens:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if check_tokens and world > 1 and int(os.environ.get("RANK", 0)) == world - 1:
         loss.CHECK_TOKENS = check_tokens
     seen: list = []
     original = loss._check_once
 
     def check_once(model, state, own, arguments, extra):
-        seen.append(bool((arguments["labels"][:, 1 : loss.CHECK_TOKENS + 1] != -100).any()))
+        seen.append(bool((arguments["labels"][:, 1 : loss.CHECK_TOKENS] != -100).any()))
         return original(model, state, own, arguments, extra)
 
     loss._check_once = check_once

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def next_port() -> str:
     return str(_port[0])
 
 
-def launch(model: Path, out: Path, *flags: str, procs: int = 2, nodes: int = 1, timeout: int = 420) -> dict:
+def launch(model: Path, out: Path, *flags: str, procs: int = 2, nodes: int = 1, timeout: int = 300) -> dict:
     """Run the worker (under torchrun when procs * nodes > 1); returns rank 0's result.json."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     worker = [WORKER, str(model), str(out), *flags]
@@ -54,9 +55,14 @@ def launch(model: Path, out: Path, *flags: str, procs: int = 2, nodes: int = 1, 
         commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node",
                      str(procs), "--node_rank", str(n), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
                      "--rdzv_id", "sftune-test", *worker] for n in range(nodes)]  # fmt: skip
-    running = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for c in commands]  # fmt: skip
-    logs = [p.communicate(timeout=timeout)[0] for p in running]
+    running = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True) for c in commands]  # fmt: skip
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in running]
+    except subprocess.TimeoutExpired:  # a hung collective: take the whole job down, then fail
+        for process in running:
+            os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the job did not finish in {timeout} s (a collective that not every rank reached?)")
     for process, log in zip(running, logs):
         assert process.returncode == 0, log[-4000:]
     result = json.loads(Path(out, "result.json").read_text())
@@ -105,11 +111,11 @@ def test_two_nodes_of_one_process_over_loopback_match_one_process(tiny_llama_pat
 
 
 def test_fsdp2_first_step_check_is_decided_by_all_ranks(tiny_llama_path, single, tmp_path):
-    """The first-step check's window narrowed to 20 tokens: only rows with the shortest prompt (16 tokens) have a
-    trained token in it, so the ranks' first batches disagree; each forward gathers parameters under FSDP2, so a
-    check run by one rank alone would hang the job. The output layer is its own shard unit: the chunked loss must
-    gather it by calling it."""
-    result = launch(tiny_llama_path, tmp_path, "--engine", "fsdp2", "--check_tokens", "20", "--head_unit")
+    """Rank 1's first-step check window narrowed to 1 token: its batch has no trained token there while rank 0's
+    has, so the ranks disagree on running the check; each forward gathers parameters under FSDP2, so a check run by
+    one rank alone would hang the job. The output layer is its own shard unit: the chunked loss must gather it by
+    calling it (reading its weight would see a shard)."""
+    result = launch(tiny_llama_path, tmp_path, "--engine", "fsdp2", "--check_tokens", "1", "--head_unit")
     assert result["engine"] == "fsdp2" and result["chunked"]
     first = [windows[0] for windows in result["check_windows"]]
     assert len(set(first)) == 2, result["check_windows"]  # the ranks disagreed on the first batch
@@ -125,7 +131,9 @@ def single_packed(tiny_llama_path, tmp_path_factory):
 @pytest.mark.parametrize(
     "engine", ["fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
 )
-def test_ctrl_c_on_one_rank_stops_all_and_resuming_matches_one_process(engine, tiny_llama_path, single_packed, tmp_path):
+def test_ctrl_c_on_one_rank_stops_all_and_resuming_matches_one_process(
+    engine, tiny_llama_path, single_packed, tmp_path
+):
     """Packed rows; SIGINT reaches rank 0 alone during step 3: both ranks finish step 3, save checkpoint-3 and stop;
     resuming from it ends where one uninterrupted process ends."""
     flags = ["--engine", engine, "--packing"] + (["--head_unit"] if engine == "fsdp2" else [])
