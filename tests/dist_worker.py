@@ -104,6 +104,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--on_nonfinite", default="stop")
     parser.add_argument("--head_unit", action="store_true", help="FSDP2: the output layer is its own shard unit")
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--no_shim", action="store_true", help="FSDP2: leave accelerate as it is (DDP on CPU)")
     parser.add_argument("--state_dict_type", default="SHARDED_STATE_DICT")
     parser.add_argument("--check_tokens", type=int, default=0, help="the last rank's first-step check window")
     options = parser.parse_args(argv)
@@ -118,7 +119,8 @@ def main(argv: list[str]) -> None:
 
     engine = {}
     if world > 1 and options.engine == "fsdp2":
-        take_fsdp_path_on_cpu()
+        if not options.no_shim:
+            take_fsdp_path_on_cpu()
         wrap = ["LlamaDecoderLayer"] + (["Linear"] if options.head_unit else [])
         engine = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": wrap,
                                                       "state_dict_type": options.state_dict_type})  # fmt: skip
@@ -163,6 +165,8 @@ def main(argv: list[str]) -> None:
             "check_windows": check_windows,  # per rank: did its first batch have a trained token in the window
         }
         Path(options.out, "result.json").write_text(json.dumps(result))
+    if world > 1:
+        torch.distributed.destroy_process_group()  # DeepSpeed's gloo threads may abort the exit otherwise
 
 
 def record_check_windows(check_tokens: int) -> list:

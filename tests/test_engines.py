@@ -171,3 +171,20 @@ def test_nan_skip_mode_keeps_the_ddp_schedule(engine, tiny_llama_path, tmp_path)
     other = launch(tiny_llama_path, tmp_path / engine, "--engine", engine, *flags)
     assert ddp["skipped"] == other["skipped"] == 1
     assert_same_run(other, ddp, tmp_path / engine, tmp_path / "ddp")
+
+
+def test_fsdp_where_accelerate_cannot_run_it_says_what_runs_instead(tiny_llama_path, tmp_path):
+    """Without the tests' shim, accelerate drops FSDP on CPUs: the run says so, and names DDP."""
+    result = launch(tiny_llama_path, tmp_path, "--engine", "fsdp2", "--steps", "1", "--no_shim")
+    assert result["engine"] == "ddp"
+    assert "FSDP was asked for" in result["log"] and "training with DDP instead" in result["log"]
+
+
+def test_a_save_that_wrote_no_weights_fails_naming_the_fix(tmp_path):
+    from sftune.trainers.sft import check_weights_written
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="wrote no model weights.*FULL_STATE_DICT.*stage3_gather_16bit"):
+        check_weights_written(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    check_weights_written(tmp_path)

@@ -72,6 +72,7 @@ class NonFiniteGuard(TrainerCallback):
         # Returns the DeepSpeed engine when training under DeepSpeed (None otherwise): its gradients live in its
         # own partitioned buffers, and it has already taken (or skipped) the step when callbacks run.
         self._deepspeed_engine = deepspeed_engine or (lambda: None)
+        self._held_back_schedule: Any = None
         self.skipped_steps = 0
         self._losses: list[torch.Tensor] = []
 
@@ -79,7 +80,9 @@ class NonFiniteGuard(TrainerCallback):
         """Called with every micro-batch's raw training loss."""
         self._losses.append(loss.detach().reshape(()).float())
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, lr_scheduler: Any = None, **kwargs: Any
+    ) -> None:
         losses, self._losses = self._losses, []
         engine = self._deepspeed_engine()
         grad_norm = self._gradient_norm(model, engine) if self.check_gradients else None
@@ -101,10 +104,12 @@ class NonFiniteGuard(TrainerCallback):
         applied = engine is not None and engine.was_step_applied()
         if self.mode == "skip":
             if engine is not None:
-                # DeepSpeed skips a step whose gradients are not finite, but then also holds its learning-rate
-                # schedule back; step it as every other engine does, so that the run follows the same schedule.
-                if not applied and engine.lr_scheduler is not None:
-                    engine.lr_scheduler.step()
+                # DeepSpeed skips a step whose gradients are not finite, and then the learning-rate schedule is held
+                # back too (its own, or the Trainer's: it sees the step reported skipped); step it as under every
+                # other engine, so that the run follows the same schedule.
+                scheduler = engine.lr_scheduler or getattr(lr_scheduler, "scheduler", lr_scheduler)
+                if not applied and scheduler is not None:
+                    self._held_back_schedule = scheduler  # stepped at the step's end, after its rate is logged
                 if applied:
                     logger.warning("Step %d: DeepSpeed applied it before the non-finite loss was seen.", step)
             model.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
@@ -127,6 +132,11 @@ class NonFiniteGuard(TrainerCallback):
             + (f"the last good checkpoint is {last}. " if last else "no checkpoint was saved before it. ")
             + "To skip such steps instead of stopping, set on_nonfinite='skip'."
         )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._held_back_schedule is not None:
+            self._held_back_schedule.step()
+            self._held_back_schedule = None
 
     @staticmethod
     def _gradient_norm(model: Any, engine: Any) -> torch.Tensor | None:
