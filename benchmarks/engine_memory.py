@@ -7,8 +7,9 @@ loss, fp32, AdamW). Every rank reports:
 - the bytes it holds, counted from the tensors themselves: parameters (its FSDP2 shard / ZeRO-3 partition, or the
   whole model), gradients (measured before the optimizer step; ZeRO-3's gradient partition buffer), AdamW state
   (exp_avg + exp_avg_sq, plus ZeRO-3's fp32 master partition);
-- its peak RSS, and the RSS before the model was loaded (the Python/torch baseline), so that peak - baseline is what
-  training added. RSS on CPU also counts activations, allocator caching and (FSDP2/ZeRO-3) the gathered layers.
+- its peak RSS, its RSS after training, and the RSS before the model was loaded (the Python/torch baseline). RSS on
+  CPU also counts activations, the allocator's freed-but-kept pages, the whole model each rank loads before FSDP2
+  shards it, and the gathered layers and communication buckets of FSDP2/ZeRO-3.
 
 Sharded engines should show about 1/N of DDP's parameters, gradients and optimizer state. FSDP2 on CPU goes through
 the tests' shim (accelerate keeps FSDP for GPU backends only); on GPUs it is accelerate's own path.
@@ -67,7 +68,12 @@ def worker(engine: str, steps: int, max_length: int, out: str) -> None:
         extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2,
                                                       "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})  # fmt: skip
     elif engine.startswith("zero"):
-        extra = dict(deepspeed=deepspeed_config(int(engine[-1])))
+        config = deepspeed_config(int(engine[-1]))
+        # As transformers' DeepSpeed docs recommend: buckets sized from the model ("auto"), not DeepSpeed's defaults
+        # of 5e8 elements (fine on a GPU cluster, a large share of RAM here).
+        config["zero_optimization"].update({key: "auto" for key in (
+            "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")})  # fmt: skip
+        extra = dict(deepspeed=config)
     measured: dict = {}
 
     class Measure(TrainerCallback):
@@ -104,6 +110,7 @@ def worker(engine: str, steps: int, max_length: int, out: str) -> None:
         "optimizer_state_gib": round(optimizer_bytes / 2**30, 4),
         "baseline_rss_gib": round(baseline, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "rss_after_training_gib": round(rss_gib(), 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))

@@ -132,6 +132,7 @@ def single_packed(tiny_llama_path, tmp_path_factory):
 @pytest.mark.parametrize(
     "engine",
     [
+        pytest.param("ddp", marks=pytest.mark.slow),
         "fsdp2",
         pytest.param("zero2", marks=[needs_deepspeed, pytest.mark.slow]),
         pytest.param("zero3", marks=needs_deepspeed),
