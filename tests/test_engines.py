@@ -11,6 +11,8 @@ float32's epsilon (1.2e-7) per addition, carried through a few Adam steps at lr 
 order. 4 steps of lr 1e-3 with gradients differing by ~1e-6 relative leave the weights within ~1e-6; we allow
 2e-5 absolute on weights (O(0.02-1)) and 2e-5 relative on losses, 20x that bound, where a real bug (a rank's
 gradient dropped, a head read as a shard, an accumulation off by a factor) changes them by 1e-3 or more.
+Measured (2026-12-05): weights within 9.2e-7 (FSDP2, ZeRO-2) and 1.4e-6 (ZeRO-3), losses within 1.5e-7 relative, of
+1 process; the 4 steps themselves move the weights by up to 2.5e-3. Token accuracies are counts: equal exactly.
 """
 
 from __future__ import annotations
