@@ -185,6 +185,7 @@ def load_model_for_cli(name: str, kwargs: dict[str, Any]) -> Any:
 
 def run_sft(argv: list[str]) -> dict[str, Any]:
     """Train as the arguments say; print and return a summary."""
+    from .engines import start_deepspeed_communication
     from .models import get_peft_config
     from .trainers.safety import resolve_resume_checkpoint
     from .trainers.sft import SFTTrainer
@@ -213,6 +214,7 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
         **model_args.model_init_kwargs(sft_args.gradient_checkpointing),
         **(sft_args.model_init_kwargs or {}),
     }
+    start_deepspeed_communication(sft_args)  # before a ZeRO-3 model is built
     model = load_model_for_cli(model_args.model_name_or_path, kwargs)
     sft_args.model_init_kwargs = None
     try:

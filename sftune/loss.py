@@ -177,19 +177,39 @@ def chunked_cross_entropy(
     selected = hidden[:, :-1][keep]
     targets = shifted[keep]
     count = targets.numel()
-    if count == 0:
-        total = F.linear(selected, head.weight, head.bias).float().sum()  # an empty product: exactly 0
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    elif torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad):
-        total, correct = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, scale, chunk_size)
-    else:
-        total, correct, _ = _linear_cross_entropy(selected, head.weight, head.bias, targets, scale, chunk_size)
+
+    def head_loss(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = head.weight, head.bias  # read inside the head's call: gathered there by sharded engines
+        if count == 0:
+            total = F.linear(selected, weight, bias).float().sum()  # an empty product: exactly 0
+            return total, torch.zeros((), dtype=torch.long, device=hidden.device)
+        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(selected, weight, bias, targets, scale, chunk_size)
+        total, correct, _ = _linear_cross_entropy(selected, weight, bias, targets, scale, chunk_size)
+        return total, correct
+
+    total, correct = call_as_forward(head, head_loss, selected)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device).clamp(min=1)
     else:
         denominator = max(denominator, 1)
     return total / denominator, torch.tensor(count), correct
+
+
+def call_as_forward(module: torch.nn.Module, function: Callable, *args: Any) -> Any:
+    """`function(*args)` run as `module`'s forward: through `module(...)`, so that the hooks engines put on the
+    module run around it. FSDP2 and DeepSpeed ZeRO-3 gather a module's sharded parameters in its forward pre-hook
+    and set up their gradients' reduction from it; reading `module.weight` outside a call sees only a shard."""
+    own = module.__dict__.get("forward")
+    module.forward = function  # an instance attribute shadows the class's forward for this one call
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,10 +330,13 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
 
     Runs without gradients and in eval mode (no dropout, so no random numbers drawn), once."""
     labels = arguments["labels"]
-    labelled_rows = (labels[:, 1 : CHECK_TOKENS + 1] != IGNORE_INDEX).any(dim=1).nonzero()
-    if len(labelled_rows) == 0:
-        return  # nothing to compare on in this batch; try the next one
-    row = int(labelled_rows[0])
+    # The row is cut to CHECK_TOKENS tokens, whose shifted labels are positions 1 .. CHECK_TOKENS - 1.
+    labelled_rows = (labels[:, 1:CHECK_TOKENS] != IGNORE_INDEX).any(dim=1).nonzero()
+    # Under sharded engines every forward gathers parameters (a collective): all ranks check together, or none.
+    if not any_rank(len(labelled_rows) > 0, labels.device):
+        return  # nothing to compare on in this batch on any rank; try the next one
+    row = int(labelled_rows[0]) if len(labelled_rows) else 0  # a rank without one runs the check for the others
+    counts = len(labelled_rows) > 0
     batch, length = labels.shape
     cut = min(length, CHECK_TOKENS)
 
@@ -345,8 +368,12 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
     low_precision = torch.is_autocast_enabled(reference.device.type) or model.dtype not in CHECK_RTOL
     rtol = CHECK_RTOL_LOW_PRECISION if low_precision else CHECK_RTOL[model.dtype]
     difference = abs(float(chunked) - float(reference))
-    if not difference <= rtol * max(1.0, abs(float(reference))):
+    mismatch = counts and not difference <= rtol * max(1.0, abs(float(reference)))
+    if any_rank(mismatch, labels.device):  # one loss for all ranks: the same forward, the same collectives
         state.active = False
+        if not mismatch:
+            logger.warning("The chunked loss check failed on another process: training with the model's own loss.")
+            return
         logger.warning(
             "The chunked loss (%.6f) differs from %s's own loss (%.6f) on the first batch, beyond the tolerance "
             "%.0e: training with the model's own loss over full logits instead (more memory). Please report this "
@@ -356,3 +383,12 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
             float(reference),
             rtol,
         )
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """`flag` or'ed over all processes (the flag itself when not distributed): a decision every rank takes alike."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -28,6 +28,7 @@ from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model, pad_rows
 from ..data.formats import Segments
 from ..data.tokenize import TokenizeOptions, fitting_slices, kept_slice, tokenize_rows
+from ..engines import start_deepspeed_communication
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from .safety import AtomicCheckpoints, NonFiniteGuard
@@ -59,6 +60,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         args = _as_iterative_config(args, model, legacy_kwargs)
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
+        start_deepspeed_communication(args)  # before a ZeRO-3 model is built
         model, model_id = resolve_model(model, args.model_init_kwargs)
         processing_class = resolve_processing_class(
             processing_class if processing_class is not None else tokenizer, model_id, args.model_init_kwargs

@@ -18,6 +18,7 @@ from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
+from ..engines import start_deepspeed_communication, warn_if_fsdp_dropped
 from ..loss import enable_chunked_loss, model_own_loss
 from ..memory import use_memory_efficient_mlp
 from ..models import (
@@ -96,6 +97,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         args = _as_sft_config(args, model, legacy_kwargs)
         if model is None and model_init is None:
             raise ValueError("SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path.")
+        start_deepspeed_communication(args)  # before a ZeRO-3 model is built
         model, model_id = resolve_model(model, args.model_init_kwargs)
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
@@ -155,8 +157,15 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self.model_id = model_id
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_tokens = {"train": 0, "eval": 0}
+        # (correct, labelled) tokens since the last log, summed over ranks when logged.
+        self._accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
         scaled = getattr(self.accelerator, "scaler", None) is not None
-        self._nonfinite_guard = NonFiniteGuard(args.on_nonfinite, check_gradients=not scaled)
+        self._nonfinite_guard = NonFiniteGuard(
+            args.on_nonfinite,
+            check_gradients=not scaled,
+            deepspeed_engine=lambda: self.model_wrapped if self.is_deepspeed_enabled else None,
+        )
+        warn_if_fsdp_dropped(self)
         self._interrupt = InterruptHandler()
         self.add_callback(self._nonfinite_guard)
         self.add_callback(self._interrupt)
@@ -228,20 +237,19 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     def _record_accuracy(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         labels = inputs.get("labels")
+        counts = self._accuracy_counts[mode]
         if logits is None and self._chunked_loss is not None:
             total, correct = self._chunked_loss.take_counts()  # counted by the chunked loss in the forward
-            if total > 0:
-                self._metrics[mode]["mean_token_accuracy"].append(correct / total)
+            counts[0] += correct
+            counts[1] += total
             return
         if logits is None or labels is None or logits.dim() != 3:
             return
         if not self.model_is_encoder_decoder:
             logits, labels = logits[:, :-1], labels[:, 1:]
         mask = labels != IGNORE_INDEX
-        total = mask.sum()
-        if total > 0:
-            correct = ((logits.argmax(-1) == labels) & mask).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / total).item())
+        counts[0] += int(((logits.argmax(-1) == labels) & mask).sum())
+        counts[1] += int(mask.sum())
 
     @property
     def model_is_encoder_decoder(self) -> bool:
@@ -255,6 +263,12 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             if values:
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics[mode] = defaultdict(list)
+        # Every rank logs together (transformers calls log() on all of them), so counts are summed over ranks:
+        # the metric is the whole batch's, not rank 0's share of it.
+        correct, labelled = sum_over_ranks(self._accuracy_counts[mode], self.args.device)
+        self._accuracy_counts[mode] = [0, 0]
+        if labelled > 0:
+            logs[prefix + "mean_token_accuracy"] = correct / labelled
         if prefix + "num_tokens" in logs:  # every rank logs together, so the count can be summed over them
             logs[prefix + "num_tokens"] = float(sum_over_ranks(self._num_tokens[mode], self.args.device))
         if mode == "train" and self._nonfinite_guard.skipped_steps:
@@ -310,17 +324,67 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     # ----------------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
+        """Save the model so that plain `from_pretrained` loads it. Under sharded engines that would save shards
+        (FSDP's sharded state dict; ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`), the final save
+        gathers a full state dict first (checkpoints stay sharded, for resuming); it raises if no weights were
+        written, rather than report a save that did not happen."""
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call or not self._weights_stay_sharded():
+            super().save_model(output_dir, _internal_call)
+        else:
+            self._save_full_state_dict(output_dir)
         if self.is_world_process_zero():
-            write_model_card(Path(output_dir or self.args.output_dir), self)
+            if not _internal_call:
+                check_weights_written(output_dir)
+            write_model_card(Path(output_dir), self)
+
+    def _weights_stay_sharded(self) -> bool:
+        if self.is_fsdp_enabled:
+            return "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if self.is_deepspeed_enabled:
+            zero = self.accelerator.deepspeed_config.get("zero_optimization", {})
+            return zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False)
+        return False
+
+    def _save_full_state_dict(self, output_dir: str) -> None:
+        """Gather the whole model (a collective: every rank calls it) and save it from the main process."""
+        if self.is_deepspeed_enabled:
+            state_dict = self.model_wrapped._zero3_consolidated_16bit_state_dict()
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        self.accelerator.wait_for_everyone()
 
 
-def sum_over_ranks(value: int, device: Any) -> int:
+def sum_over_ranks(value: Any, device: Any) -> Any:
+    """An int (or a list of ints) summed over all processes; a collective every rank must call."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return int(value)
-    total = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        return [int(v) for v in value] if isinstance(value, list) else int(value)
+    values = value if isinstance(value, list) else [value]
+    total = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(total)
-    return int(total.item())
+    return total.tolist() if isinstance(value, list) else int(total[0])
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+
+
+def check_weights_written(output_dir: str | os.PathLike) -> None:
+    """Raise unless `output_dir` holds model weights that `from_pretrained` reads."""
+    if not any(Path(output_dir, name).is_file() for name in WEIGHT_FILES):
+        raise RuntimeError(
+            f"save_model() wrote no model weights to {output_dir} (expected one of {', '.join(WEIGHT_FILES[:2])}). "
+            "Under FSDP set fsdp_config={'state_dict_type': 'FULL_STATE_DICT'}; under DeepSpeed ZeRO-3 set "
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save=true in the DeepSpeed config."
+        )
 
 
 def count_real_tokens(inputs: dict[str, Any]) -> int:
