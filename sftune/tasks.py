@@ -100,3 +100,54 @@ def write_task_jsonl(directory: str | Path, n_train: int = 400, n_test: int = 10
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A second task: multi-step arithmetic with a numeric answer (checked by the number it ends with)
+# --------------------------------------------------------------------------------------------------------------
+
+ARITHMETIC_SYSTEM = "Solve the problem. End your reply with the final number."
+
+
+def make_arithmetic_example(rng: random.Random) -> dict:
+    """`a + b - c`, `a * b + c` or `(a + b) * c` with small operands: two steps, one integer answer."""
+    a, b, c = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 9)
+    form = rng.randrange(3)
+    if form == 0:
+        question, value = f"What is {a} + {b} - {c}?", a + b - c
+    elif form == 1:
+        question, value = f"What is {a % 10 + 2} * {c} + {b}?", (a % 10 + 2) * c + b
+    else:
+        question, value = f"What is ({a} + {b}) * {c % 4 + 2}?", (a + b) * (c % 4 + 2)
+    messages = [
+        {"role": "system", "content": ARITHMETIC_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": str(value)},
+    ]
+    return {"messages": messages, "answer": str(value)}
+
+
+def make_arithmetic_splits(n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and test splits of distinct arithmetic questions (test drawn first, as in `make_task_splits`)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            example = make_arithmetic_example(rng)
+            if example["messages"][1]["content"] not in seen:
+                seen.add(example["messages"][1]["content"])
+                splits[split].append(example)
+    return splits[0], splits[1]
+
+
+def write_arithmetic_jsonl(directory: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """Write the arithmetic task's train.jsonl and test.jsonl and return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "test"), make_arithmetic_splits(n_train, n_test, seed), strict=True):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
