@@ -48,9 +48,8 @@ def raises(reply: str, reference) -> bool:
 
 
 def smollm2_tokenizer():
-    from tests import real_tokenizers
-
     from sftune.models import ensure_pad_token
+    from tests import real_tokenizers
 
     return ensure_pad_token(real_tokenizers.load("smollm2"))
 

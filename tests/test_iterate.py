@@ -206,6 +206,7 @@ def test_resume_after_kill_9_mid_generation_and_mid_training_equals_uninterrupte
     # 1. killed while round 2 samples: some of its replies are on disk, not all.
     kill_when(run_helper(recipe), lambda: 3 <= lines(samples))
     assert state(out)["phase"] == "generate" and 3 <= lines(samples) < 64
+
     # 2. resumed, then killed while round 2 trains (after some of its steps were checkpointed).
     def mid_training() -> bool:
         if state(out).get("phase") != "train" or not (out / "training_state.pt").exists():

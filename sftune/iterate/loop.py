@@ -149,7 +149,8 @@ class Run:
                 if examples:
                     summary.update(self._train(round_index, examples, config.epochs, position))
                 else:
-                    logger.warning("round %d: no reply was accepted; skipping training this round.", round_index)
+                    why = "no reply was accepted" if config.train_on == "samples" else "no tokens to train on"
+                    logger.warning("round %d: %s; skipping training this round.", round_index, why)
                     summary["skipped_training"] = True
                 self._save_round_model(round_index)
                 trained.parent.mkdir(parents=True, exist_ok=True)
@@ -276,11 +277,11 @@ class Run:
     def _restore(self) -> dict[str, Any]:
         path = self.out / "training_state.pt"
         if not path.exists():
-            return {"round": -1, "step": 0}
+            return {"round": -1, "step": 0, "losses": []}
         saved = store.load_training_state(path, self.trainer.model, self.trainer.optimizer)
         self.trainer.state.global_step = saved["global_step"]
         logger.info("resumed weights from round %d, step %d", saved["round"], saved["step"])
-        return {"round": saved["round"], "step": saved["step"]}
+        return {"round": saved["round"], "step": saved["step"], "losses": saved.get("losses", [])}
 
     def _train(self, round_index: int, examples: list[Example], epochs: int, position: dict) -> dict[str, Any]:
         """`epochs` passes over `examples` in batches of `batch_size`, one optimizer step each, in an order fixed
@@ -293,9 +294,10 @@ class Run:
             order += shuffled
         size = config.batch_size
         batches = [order[s : s + size] for s in range(0, len(order), size)]
-        first = position["step"] if position["round"] == round_index else 0
+        resumed = position["round"] == round_index
+        first = position["step"] if resumed else 0
         learning_rate = config.learning_rate_for(max(round_index, 1))
-        losses = []
+        losses = list(position["losses"]) if resumed else []
         for step in range(first, len(batches)):
             batch = [examples[i] for i in batches[step]]
             for group in trainer.optimizer.param_groups:
@@ -305,10 +307,10 @@ class Run:
             losses.append(result["loss"])
             done = step + 1
             if done % config.save_every_steps == 0 or done == len(batches):
-                self._save_training_state(round_index, done)
+                self._save_training_state(round_index, done, losses)
         if first >= len(batches):  # resumed after the last step: the checkpoint is already there
-            self._save_training_state(round_index, len(batches))
-        position.update(round=round_index, step=len(batches))
+            self._save_training_state(round_index, len(batches), losses)
+        position.update(round=round_index, step=len(batches), losses=losses)
         return {
             "train_examples": len(examples),
             "trained_tokens": sum(len(examples[i].completion_ids) for i in order),
@@ -317,8 +319,8 @@ class Run:
             "learning_rate": learning_rate,
         }
 
-    def _save_training_state(self, round_index: int, step: int) -> None:
-        extra = {"round": round_index, "step": step, "global_step": self.trainer.state.global_step}
+    def _save_training_state(self, round_index: int, step: int, losses: list[float]) -> None:
+        extra = {"round": round_index, "step": step, "global_step": self.trainer.state.global_step, "losses": losses}
         store.save_training_state(self.out / "training_state.pt", self.trainer.model, self.trainer.optimizer, extra)
 
     def _save_round_model(self, round_index: int) -> None:
@@ -368,7 +370,7 @@ def summary_line(s: dict[str, Any], k: int) -> str:
         parts.append(f"generated {s['generated']} ({s['generated_tokens']} tok), accepted {s['accepted']} "
                      f"({s['acceptance_rate']:.1%}), pass@{k} {s[f'pass@{k}']:.1%},")  # fmt: skip
     if s.get("skipped_training"):
-        parts.append("no accepted reply: training skipped,")
+        parts.append("no accepted reply: training skipped," if "generated" in s else "nothing to train: skipped,")
     elif "trained_tokens" in s:
         parts.append(f"trained {s['train_examples']} ex / {s['trained_tokens']} tok (loss {s['train_loss']}),")
     held = s.get("held_out")
@@ -401,6 +403,7 @@ def _load(config: IterateConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(config.seed)  # the adapter's random init: the same in every run of this recipe
         model = get_peft_model(model, LoraConfig(**{"task_type": "CAUSAL_LM", **config.lora}))
     return model, tokenizer
 

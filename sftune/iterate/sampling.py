@@ -44,7 +44,9 @@ def plan_batches(prompt_lengths: Sequence[int], jobs: Iterable[Job], batch_size:
     return [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
 
 
-def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int
+) -> torch.Tensor:
     """One token per row by inverse-CDF sampling with the row's own uniform number (greedy at temperature 0)."""
     logits = logits.float()
     if temperature == 0:
