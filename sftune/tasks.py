@@ -178,3 +178,46 @@ def write_arithmetic_jsonl(
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A JSON variant of the bundled task: the same transformations, answered as a JSON array (checked as JSON)
+# --------------------------------------------------------------------------------------------------------------
+
+JSON_SYSTEM = "Transform the list. Reply with a JSON array of strings only."
+
+
+def make_json_list_example(rng: random.Random) -> dict:
+    """`Reverse the list: fig, owl, sun` -> `["sun", "owl", "fig"]`: right when it parses to the same array."""
+    instruction = rng.choice(sorted(OPERATIONS))
+    items = rng.sample(WORDS, rng.randint(3, 5))
+    answer = json.dumps(OPERATIONS[instruction](items))
+    messages = [
+        {"role": "system", "content": JSON_SYSTEM},
+        {"role": "user", "content": f"{instruction}: {', '.join(items)}"},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "answer": answer}
+
+
+def write_json_list_jsonl(
+    directory: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write the JSON list task's train.jsonl and test.jsonl (distinct prompts, test drawn first)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            example = make_json_list_example(rng)
+            if example["messages"][1]["content"] not in seen:
+                seen.add(example["messages"][1]["content"])
+                splits[split].append(example)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "test"), (splits[0], splits[1]), strict=True):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]

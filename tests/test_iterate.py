@@ -315,3 +315,24 @@ def test_cli_reports_recipe_mistakes_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sftune.cli", "iterate", "--config", str(recipe)],
                             capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2 and "Unknown verifier 'exatc'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_task_references_pass_their_verifiers_and_wrong_answers_fail():
+    import random
+
+    rng = random.Random(0)
+    checks = [
+        (tasks.make_example, make_verifier("exact")),
+        (tasks.make_json_list_example, make_verifier("json", {"equal_reference": True})),
+        (tasks.make_arithmetic_example, make_verifier("number")),
+        (tasks.make_small_arithmetic_example, make_verifier("number")),
+    ]
+    for make, verify in checks:
+        for _ in range(50):
+            example = make(rng)
+            assert verify(example["messages"][-1]["content"], example["answer"])
+            assert example["answer"] == example["messages"][-1]["content"]
+    question = tasks.make_small_arithmetic_example(random.Random(1))
+    assert eval(question["messages"][1]["content"].removeprefix("What is ").rstrip("?")) == int(question["answer"])
+    assert make_verifier("json", {"equal_reference": True})('["a","b"]', '["a", "b"]')
+    assert not make_verifier("json", {"equal_reference": True})('["b", "a"]', '["a", "b"]')
