@@ -336,3 +336,33 @@ def test_task_references_pass_their_verifiers_and_wrong_answers_fail():
     assert eval(question["messages"][1]["content"].removeprefix("What is ").rstrip("?")) == int(question["answer"])
     assert make_verifier("json", {"equal_reference": True})('["a","b"]', '["a", "b"]')
     assert not make_verifier("json", {"equal_reference": True})('["b", "a"]', '["a", "b"]')
+
+
+def test_cli_runs_rounds_and_resume_of_a_finished_run_is_a_no_op(smollm2, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, _ = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    train, test = tasks.make_task_splits(n_train=4, n_test=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tmp_path / 'model'}\ndataset: {write_rows(tmp_path / 't.jsonl', train)}\n"
+        f"eval_dataset: {write_rows(tmp_path / 'e.jsonl', test)}\noutput_dir: {tmp_path / 'run'}\n"
+        "verifier: regex\nverifier_args: {pattern: ''}\nrounds: 2\nmax_new_tokens: 3\nlora: {r: 4}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sftune.cli", "iterate", "--config", str(recipe), "--progress", "false"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "round 2: generated 16" in result.stdout and "held-out" in result.stdout
+    rounds = [json.loads(line) for line in (tmp_path / "run/rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert (tmp_path / "run/round-2/model/adapter_config.json").exists()
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "run/rounds.jsonl").read_text().count("\n") == 3
