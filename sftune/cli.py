@@ -3,6 +3,7 @@
     sftune sft --config recipe.yaml [--any_SFTConfig_or_ModelConfig_field value ...]
     sftune eval --model PATH --dataset test.jsonl
     sftune preview --model PATH --dataset train.jsonl [--config recipe.yaml]
+    sftune iterate --config recipe.yaml [--resume] [--any_recipe_field value ...]
 
 Every field of SFTConfig, ModelConfig and ScriptArguments is a flag; a YAML file gives defaults and the command
 line overrides it.
@@ -359,7 +360,45 @@ def run_preview(argv: list[str]) -> None:
     preview_rows(args.model, args.dataset, args.rows, args.config, args.color)
 
 
-COMMANDS = {"sft": run_sft, "eval": run_eval, "preview": run_preview}
+def run_iterate(argv: list[str]) -> list[dict[str, Any]]:
+    """Expert iteration: sample k replies per prompt, keep those the verifier accepts, train on them, repeat.
+    Every recipe field (sftune.iterate.IterateConfig) is also a flag: --rounds 5 --temperature 0.7 ..."""
+    from .iterate import RecipeError, VerifierError, iterate
+    from .iterate.recipe import IterateConfig
+
+    parser = argparse.ArgumentParser(prog="sftune iterate", description=run_iterate.__doc__)
+    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the recipe's output_dir")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_field_flags(rest, IterateConfig)
+    try:
+        return iterate(IterateConfig.from_yaml(args.config, overrides), resume=args.resume)
+    except (RecipeError, VerifierError) as err:
+        raise UsageError(str(err)) from err
+
+
+def parse_field_flags(argv: list[str], config_class: Any) -> dict[str, Any]:
+    """`--field value` pairs for a dataclass's fields, values read as YAML (numbers, booleans, lists)."""
+    import dataclasses
+
+    import yaml
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    values: dict[str, Any] = {}
+    it = iter(argv)
+    for flag in it:
+        name, _, value = flag.removeprefix("--").partition("=")
+        if not flag.startswith("--") or name not in fields:
+            raise UsageError(f"unknown argument {flag!r}; recipe fields: {', '.join(sorted(fields))}.")
+        if not value:
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{flag} needs a value.")
+        values[name] = yaml.safe_load(value)
+    return values
+
+
+COMMANDS = {"sft": run_sft, "eval": run_eval, "preview": run_preview, "iterate": run_iterate}
 USER_ERROR_EXIT = 2
 FAILED_EXIT = 1
 INTERRUPTED_EXIT = 130

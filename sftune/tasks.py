@@ -100,3 +100,124 @@ def write_task_jsonl(directory: str | Path, n_train: int = 400, n_test: int = 10
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         paths.append(path)
     return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A second task: multi-step arithmetic with a numeric answer (checked by the number it ends with)
+# --------------------------------------------------------------------------------------------------------------
+
+ARITHMETIC_SYSTEM = "Solve the problem. End your reply with the final number."
+
+
+def make_arithmetic_example(rng: random.Random) -> dict:
+    """`a + b - c`, `a * b + c` or `(a + b) * c` with small operands: two steps, one integer answer."""
+    a, b, c = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 9)
+    form = rng.randrange(3)
+    if form == 0:
+        question, value = f"What is {a} + {b} - {c}?", a + b - c
+    elif form == 1:
+        question, value = f"What is {a % 10 + 2} * {c} + {b}?", (a % 10 + 2) * c + b
+    else:
+        question, value = f"What is ({a} + {b}) * {c % 4 + 2}?", (a + b) * (c % 4 + 2)
+    messages = [
+        {"role": "system", "content": ARITHMETIC_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": str(value)},
+    ]
+    return {"messages": messages, "answer": str(value)}
+
+
+def make_small_arithmetic_example(rng: random.Random) -> dict:
+    """Three single-digit operands, two steps: `a + b + c`, `a + b - c` or `a - b + c` (never negative)."""
+    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+    form = rng.randrange(3)
+    if form == 2 and a < b:
+        a, b = b, a
+    if form == 1 and a + b < c:
+        c = rng.randint(1, a + b)
+    question, value = [
+        (f"What is {a} + {b} + {c}?", a + b + c),
+        (f"What is {a} + {b} - {c}?", a + b - c),
+        (f"What is {a} - {b} + {c}?", a - b + c),
+    ][form]
+    messages = [
+        {"role": "system", "content": ARITHMETIC_SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": str(value)},
+    ]
+    return {"messages": messages, "answer": str(value)}
+
+
+def make_arithmetic_splits(
+    n_train: int = 400, n_test: int = 100, seed: int = 0, small: bool = False
+) -> tuple[list[dict], list[dict]]:
+    """Train and test splits of distinct arithmetic questions (test drawn first, as in `make_task_splits`);
+    `small`: single-digit operands."""
+    make_arithmetic = make_small_arithmetic_example if small else make_arithmetic_example
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            example = make_arithmetic(rng)
+            if example["messages"][1]["content"] not in seen:
+                seen.add(example["messages"][1]["content"])
+                splits[split].append(example)
+    return splits[0], splits[1]
+
+
+def write_arithmetic_jsonl(
+    directory: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0, small: bool = False
+) -> tuple[Path, Path]:
+    """Write the arithmetic task's train.jsonl and test.jsonl and return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "test"), make_arithmetic_splits(n_train, n_test, seed, small), strict=True):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A JSON variant of the bundled task: the same transformations, answered as a JSON array (checked as JSON)
+# --------------------------------------------------------------------------------------------------------------
+
+JSON_SYSTEM = "Transform the list. Reply with a JSON array of strings only."
+
+
+def make_json_list_example(rng: random.Random) -> dict:
+    """`Reverse the list: fig, owl, sun` -> `["sun", "owl", "fig"]`: right when it parses to the same array."""
+    instruction = rng.choice(sorted(OPERATIONS))
+    items = rng.sample(WORDS, rng.randint(3, 5))
+    answer = json.dumps(OPERATIONS[instruction](items))
+    messages = [
+        {"role": "system", "content": JSON_SYSTEM},
+        {"role": "user", "content": f"{instruction}: {', '.join(items)}"},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "answer": answer}
+
+
+def write_json_list_jsonl(
+    directory: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write the JSON list task's train.jsonl and test.jsonl (distinct prompts, test drawn first)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: list[list[dict]] = [[], []]
+    for split, size in ((1, n_test), (0, n_train)):
+        while len(splits[split]) < size:
+            example = make_json_list_example(rng)
+            if example["messages"][1]["content"] not in seen:
+                seen.add(example["messages"][1]["content"])
+                splits[split].append(example)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "test"), (splits[0], splits[1]), strict=True):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
