@@ -54,8 +54,16 @@ def sentinels(k: int) -> tuple[str, str]:
     return chr(SENTINEL_BASE + 2 * k), chr(SENTINEL_BASE + 2 * k + 1)
 
 
-def render(tokenizer: Any, messages: list[dict], tools: list | None, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+def render(
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list | None,
+    generation_prompt: bool = False,
+    template_kwargs: dict | None = None,
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **(template_kwargs or {})
+    )
 
 
 def assistant_spans(
@@ -154,7 +162,12 @@ def marked_message(message: dict, next_pair) -> dict:
 
 
 def sentinel_regions(
-    tokenizer: Any, messages: list[dict], full: str, tools: list | None, turns: list[int]
+    tokenizer: Any,
+    messages: list[dict],
+    full: str,
+    tools: list | None,
+    turns: list[int],
+    template_kwargs: dict | None = None,
 ) -> dict[int, Span | None] | None:
     """{turn: (start of its first field, end of its last field) in `full`}, or None when a template transforms a
     field. Each field gets its own sentinel pair and only its first rendering counts: templates may repeat a field
@@ -178,7 +191,7 @@ def sentinel_regions(
     if sentinel.search(full):
         return None
     try:
-        text = render(tokenizer, marked, tools)
+        text = render(tokenizer, marked, tools, template_kwargs=template_kwargs)
     except Exception:
         return None
     first_open: dict[int, int] = {}
@@ -211,7 +224,14 @@ def sentinel_regions(
     return regions
 
 
-def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | None, turn: int) -> Span | None:
+def diff_region(
+    tokenizer: Any,
+    messages: list[dict],
+    full: str,
+    tools: list | None,
+    turn: int,
+    template_kwargs: dict | None = None,
+) -> Span | None:
     """Where `full` changes when this turn's fields are emptied: the text the template renders from them."""
     emptied = dict(messages[turn])
     for field in FIELDS:
@@ -219,7 +239,7 @@ def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | N
             emptied[field] = ""
     emptied.pop("tool_calls", None)
     try:
-        other = render(tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools)
+        other = render(tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools, template_kwargs=template_kwargs)
     except Exception:
         return None
     prefix = 0
