@@ -42,7 +42,10 @@ from typing import Any
 from . import chat_spans
 
 # Why a turn is rendered on its own (the whole rendering does not show it as at inference).
-PROMPT_DIFFERS = "the whole conversation's rendering of the history before it differs from the inference prompt"
+PROMPT_DIFFERS = (
+    "the whole conversation's rendering before this reply differs from its inference prompt (history rewritten, "
+    "system prompt moved, or a generation prompt the whole rendering lacks)"
+)
 REPLY_DIFFERS = "the whole conversation renders this reply differently from inference (e.g. drops its reasoning)"
 PREFILL = "the inference prompt ends with a prefill the rendered reply lacks"
 NO_STOP = "the template renders no stop token after the reply (it is trained up to the end of its rendering)"
@@ -371,9 +374,12 @@ def turn_replies(
         if last.startswith(prompt):
             field_end = field_end_of(tokenizer, messages, t, last, tools, template_kwargs, len(prompt), stops)
             reply, stopped = reply_in(last, len(prompt), stops, field_end)
-            out.append(Turn(t, prompt, reply, stopped))
-            continue
-        out.append(misaligned_turn(tokenizer, messages, t, prompt, last, tools, template_kwargs, stops))
+            turn = Turn(t, prompt, reply, stopped)
+        else:
+            turn = misaligned_turn(tokenizer, messages, t, prompt, last, tools, template_kwargs, stops)
+        if not turn.reply.strip():
+            raise RenderError(t, "the chat template renders nothing for this assistant turn after its inference prompt")
+        out.append(turn)
     return out
 
 
@@ -426,17 +432,24 @@ def misaligned_turn(
     stops: tuple[str, ...],
 ) -> Turn:
     """The reply when the last-turn rendering does not start with the inference prompt: it starts after the
-    rendering's own copy of the prompt's end (the longest piece of the generation prompt, or without one the
-    longest tail of the prompt) before the reply's first field."""
-    region = field_region(tokenizer, messages, t, last, tools, template_kwargs)
-    if region is None:
-        raise RenderError(t, "the chat template does not render this assistant turn's content")
+    rendering's own copy of the prompt's end (the generation prompt as far as it matches from its last
+    occurrence before the reply's fields; for templates without one, the longest tail of the prompt)."""
     history = render_many(tokenizer, [messages[:t]], tools, False, template_kwargs)[0] if t else ""
     generation = prompt[len(history) :] if prompt.startswith(history) else ""
+    region = field_region(tokenizer, messages, t, last, tools, template_kwargs)
+    if region is None and generation.strip():
+        common = common_prefix(prompt, last)
+        if common >= len(history):  # the rendering leaves the prompt inside its generation prompt: a prefill
+            region = (common, common)
+    if region is None:
+        raise RenderError(t, "the chat template does not render this assistant turn's content")
     head = last[: region[0]]
     if generation.strip():
-        size = longest(lambda n: generation[:n] in head, len(generation))
-        piece = generation[:size]
+        cuts = token_cuts(generation, chat_spans.special_tokens(tokenizer))
+        anchor = next((cut for cut in cuts if generation[:cut].strip()), len(generation))
+        at = head.rfind(generation[:anchor])
+        size = max((cut for cut in cuts if cut >= anchor and head.startswith(generation[:cut], at)), default=anchor)
+        piece = generation[:size] if at >= 0 else ""
     else:
         size = longest(lambda n: prompt[len(prompt) - n :] in head, min(len(prompt), len(head)))
         piece = prompt[len(prompt) - size :]
@@ -446,6 +459,21 @@ def misaligned_turn(
     reply, stopped = reply_in(last, start, stops, region[1])
     reason = PREFILL if generation.strip() and size < len(generation) else PROMPT_DIFFERS
     return Turn(t, prompt, reply, stopped, reason=reason)
+
+
+def common_prefix(a: str, b: str) -> int:
+    return longest(lambda n: a[:n] == b[:n], min(len(a), len(b)))
+
+
+def token_cuts(text: str, specials: list[str]) -> list[int]:
+    """Positions where `text` may be cut without splitting one of its special tokens, in order."""
+    inside = set()
+    for token in specials:
+        at = text.find(token)
+        while at >= 0:
+            inside.update(range(at + 1, at + len(token)))
+            at = text.find(token, at + len(token))
+    return [cut for cut in range(1, len(text) + 1) if cut not in inside]
 
 
 def longest(fits, upper: int) -> int:
