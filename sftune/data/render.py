@@ -68,6 +68,68 @@ def template_for(tokenizer: Any, tools: list | None = None) -> str:
     return tokenizer.get_chat_template(None, tools)
 
 
+class Renderer:
+    """The compiled chat template of a tokenizer, called as `apply_chat_template(tokenize=False)` calls it.
+
+    A conversation is converted to what the template sees once (`prepare`); its prefixes then render without
+    converting again, which is most of `apply_chat_template`'s cost on short turns. The first rendering of each
+    template is checked against `apply_chat_template` itself; where they differ (another transformers version),
+    every rendering goes through `apply_chat_template`."""
+
+    checked: dict[tuple[int, str], bool] = {}
+
+    def __init__(self, tokenizer: Any, tools: list | None = None, template_kwargs: dict | None = None):
+        self.tokenizer, self.tools, self.template_kwargs = tokenizer, tools, template_kwargs or {}
+        self.template = template_for(tokenizer, tools)
+        self.fast = all(isinstance(tool, dict) for tool in tools or [])
+        if self.fast:
+            from transformers.utils import chat_template_utils as utils
+
+            self.utils = utils
+            self.compiled = utils._compile_jinja_template(self.template)
+            plain = getattr(utils, "_plain_template_data", lambda value: value)
+            self.context = plain({**tokenizer.special_tokens_map, **self.template_kwargs})
+            self.tool_schemas = plain(tools)
+
+    def prepare(self, messages: list[dict]) -> list[dict]:
+        if not self.fast:
+            return messages
+        return template_messages(self.utils, messages)
+
+    def text(self, prepared: list[dict], add_generation_prompt: bool = False, original: list | None = None) -> str:
+        if self.fast:
+            key = (id(self.tokenizer), self.template)
+            if key not in self.checked and original is not None:
+                fast = self.compiled.render(
+                    messages=prepared, tools=self.tool_schemas, documents=None,
+                    add_generation_prompt=add_generation_prompt, **self.context,
+                )
+                self.checked[key] = fast == self.slow(original, add_generation_prompt)
+            if self.checked.get(key, True):
+                return self.compiled.render(
+                    messages=prepared, tools=self.tool_schemas, documents=None,
+                    add_generation_prompt=add_generation_prompt, **self.context,
+                )
+        return self.slow(original if original is not None else prepared, add_generation_prompt)
+
+    def slow(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=self.tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **self.template_kwargs,
+        )
+
+
+def template_messages(utils: Any, messages: list[dict]) -> list[dict]:
+    """The messages as transformers hands them to the template (None fields dropped, plain data, reasoning field
+    aliases). Version-dependent: each step is used where this transformers has it."""
+    normalize = getattr(utils, "_normalize_chat_messages", None)
+    chat = normalize(messages) if normalize else [{k: v for k, v in m.items() if v is not None} for m in messages]
+    plain = getattr(utils, "_plain_template_data", None)
+    chat = plain(chat) if plain else chat
+    alias = getattr(utils, "_alias_reasoning_fields", None)
+    return alias(chat) if alias else chat
+
+
 def render_many(
     tokenizer: Any,
     conversations: list[list[dict]],
@@ -75,20 +137,9 @@ def render_many(
     add_generation_prompt: bool = False,
     template_kwargs: dict | None = None,
 ) -> list[str]:
-    """`apply_chat_template(c, tokenize=False, ...)` for each conversation, in one call of the compiled template."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    if not conversations:
-        return []
-    kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
-    rendered, _ = render_jinja_template(
-        conversations=conversations,
-        tools=tools,
-        chat_template=template_for(tokenizer, tools),
-        add_generation_prompt=add_generation_prompt,
-        **kwargs,
-    )
-    return rendered
+    """`apply_chat_template(c, tokenize=False, ...)` for each conversation."""
+    renderer = Renderer(tokenizer, tools, template_kwargs)
+    return [renderer.text(renderer.prepare(c), add_generation_prompt, c) for c in conversations]
 
 
 def render(
@@ -364,13 +415,13 @@ def turn_replies(
     """Each turn's inference prompt and reply (the module's definition); raises RenderError naming the turn where
     the reply cannot be found in the template's rendering."""
     stops = stop_tokens(tokenizer) if stops is None else stops
-    prompts = render_many(tokenizer, [messages[:t] for t in turns], tools, True, template_kwargs)
-    ends_with = [t for t in turns if t + 1 < len(messages) or whole is None]
-    rendered = render_many(tokenizer, [messages[: t + 1] for t in ends_with], tools, False, template_kwargs)
-    lasts = dict(zip(ends_with, rendered, strict=True))
+    renderer = Renderer(tokenizer, tools, template_kwargs)
+    chat = renderer.prepare(messages)
+    prompts = [renderer.text(chat[:t], True, messages[:t]) for t in turns]
+    lasts = {t: renderer.text(chat[: t + 1], False, messages[: t + 1]) for t in turns if t + 1 < len(messages)}
     out = []
     for t, prompt in zip(turns, prompts, strict=True):
-        last = lasts.get(t, whole)
+        last = lasts[t] if t in lasts else whole if whole is not None else render_many(tokenizer, [messages], tools, False, template_kwargs)[0]
         if last.startswith(prompt):
             field_end = field_end_of(tokenizer, messages, t, last, tools, template_kwargs, len(prompt), stops)
             reply, stopped = reply_in(last, len(prompt), stops, field_end)
