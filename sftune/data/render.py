@@ -455,10 +455,13 @@ def field_end_of(
 
 def reply_has_text_after(last: str, end: int, stops: tuple[str, ...]) -> bool:
     """Whether anything but whitespace and stop tokens follows `end` in the last turn's rendering."""
-    rest = last[end:]
+    return bool(strip_stops(last[end:], stops).strip())
+
+
+def strip_stops(text: str, stops: tuple[str, ...]) -> str:
     for token in stops:
-        rest = rest.replace(token, "")
-    return bool(rest.strip())
+        text = text.replace(token, "")
+    return text
 
 
 def field_region(
@@ -489,7 +492,7 @@ def misaligned_turn(
     generation = prompt[len(history) :] if prompt.startswith(history) else ""
     region = field_region(tokenizer, messages, t, last, tools, template_kwargs)
     if region is None and generation.strip():
-        common = common_prefix(prompt, last)
+        common = outside_specials(last, common_prefix(prompt, last), chat_spans.special_tokens(tokenizer))
         if common >= len(history):  # the rendering leaves the prompt inside its generation prompt: a prefill
             region = (common, common)
     if region is None:
@@ -514,6 +517,15 @@ def misaligned_turn(
 
 def common_prefix(a: str, b: str) -> int:
     return longest(lambda n: a[:n] == b[:n], min(len(a), len(b)))
+
+
+def outside_specials(text: str, position: int, specials: list[str]) -> int:
+    """`position`, moved back to the start of the special token of `text` it falls inside, if any."""
+    for token in specials:
+        start = text.find(token, max(0, position - len(token) + 1))
+        if 0 <= start < position < start + len(token):
+            return start
+    return position
 
 
 def token_cuts(text: str, specials: list[str]) -> list[int]:
@@ -556,6 +568,7 @@ def conversation_plan(
     plan = Plan(whole)
     if not turns:
         return plan
+    stops = stop_tokens(tokenizer) if stops is None else stops
     plan.turns = turn_replies(tokenizer, messages, turns, tools, template_kwargs, stops, whole)
     cursor = 0
     for turn in plan.turns:
@@ -569,6 +582,11 @@ def conversation_plan(
         if turn.reason:
             plan.separate.append(turn)
             continue
+        if not turn.stopped:  # the rendering as last message ends without one: the next message's header stops it
+            end = start + len(turn.reply)
+            stop = first_stop(whole, stops, end)
+            if stop is not None and not strip_stops(whole[end:stop], stops).strip():
+                turn.reply, turn.stopped = whole[start:stop], True
         turn.in_whole = True
         cursor = start + len(turn.reply)
         plan.whole_spans.append((start, cursor))

@@ -205,7 +205,14 @@ def expected_reply(name, messages, t, tools=None, template_kwargs=None):
         start = max(last.rfind(h, 0, before) + len(h) for h in header if h in last[:before])
     after = fields[1] if fields else start
     ends = [last.index(e, after) + len(e) for e in STOP[name] if e in last[after:]]
-    return prompt, last[start : min(ends) if ends else len(last)]
+    reply = last[start : min(ends) if ends else len(last)]
+    whole = TEMPLATES.render(name, messages, tools, False, kwargs)
+    if not ends and whole.startswith(prompt + reply):  # no stop token as the last message: what follows stops it
+        rest = whole[len(prompt + reply) :]
+        stop = next((e for e in STOP[name] if rest.lstrip().startswith(e)), None)
+        if stop:
+            reply += rest[: len(rest) - len(rest.lstrip())] + stop
+    return prompt, reply
 
 
 def rendered_start(name, messages, t, last):
