@@ -299,6 +299,8 @@ def _call_formatting_func(formatting_func: Callable, value: Any, where: str) -> 
 
 def check_loss_options_apply(fmt: str, options: TokenizeOptions) -> None:
     """Loss options that cannot apply to this data are an error, not silently ignored."""
+    if options.inexact_turns not in ("split", "error"):
+        raise DatasetFormatError(f"inexact_turns must be 'split' or 'error', got {options.inexact_turns!r}.")
     if options.assistant_only_loss and fmt not in (formats.MESSAGES, formats.PROMPT_COMPLETION):
         raise DatasetFormatError(
             f"assistant_only_loss=True needs conversational data (a 'messages' column), but the data is {fmt}: "
