@@ -35,10 +35,10 @@ def ids_of(out):
 
 def row_for(name: str) -> dict:
     import datasets
-    from tests import real_tokenizers
 
     from sftune.data import render
     from sftune.data.tokenize import TokenizeOptions, prepare_dataset
+    from tests import real_tokenizers
 
     datasets.disable_progress_bars()
     tokenizer = real_tokenizers.load(name)
@@ -52,7 +52,9 @@ def row_for(name: str) -> dict:
     rows = list(prepare_dataset(data, tokenizer, options))
     whole = ids_of(tokenizer.apply_chat_template(messages, tokenize=True))
     turns = [t for t, m in enumerate(messages) if m["role"] == "assistant"]
-    prompts = [ids_of(tokenizer.apply_chat_template(messages[:t], add_generation_prompt=True, tokenize=True)) for t in turns]
+    prompts = [
+        ids_of(tokenizer.apply_chat_template(messages[:t], add_generation_prompt=True, tokenize=True)) for t in turns
+    ]
     runs = []
     for row in rows:
         ids, mask = row["input_ids"], row["loss_mask"]

@@ -9,8 +9,8 @@ the packages' versions and loaded from there afterwards.
 from __future__ import annotations
 
 import base64
-import json
 import importlib.metadata
+import json
 import os
 import struct
 from pathlib import Path

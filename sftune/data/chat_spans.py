@@ -239,7 +239,9 @@ def diff_region(
             emptied[field] = ""
     emptied.pop("tool_calls", None)
     try:
-        other = render(tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools, template_kwargs=template_kwargs)
+        other = render(
+            tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools, template_kwargs=template_kwargs
+        )
     except Exception:
         return None
     prefix = 0

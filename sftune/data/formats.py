@@ -178,7 +178,9 @@ def prompt_completion_segments(
                 f"Row {row}, column 'completion': it has no assistant message, so there is nothing to train on. "
                 "Put the model's reply in the completion as {'role': 'assistant', 'content': ...}."
             )
-        return conversation_examples(messages, row, tokenizer, tools, chat, turns=turns, column="completion", stats=stats)
+        return conversation_examples(
+            messages, row, tokenizer, tools, chat, turns=turns, column="completion", stats=stats
+        )
     raise DatasetFormatError(
         f"Row {row}: 'prompt' and 'completion' must both be strings or both be lists of messages; got "
         f"{type(prompt).__name__} and {type(completion).__name__}."

@@ -101,20 +101,29 @@ class Renderer:
             key = (id(self.tokenizer), self.template)
             if key not in self.checked and original is not None:
                 fast = self.compiled.render(
-                    messages=prepared, tools=self.tool_schemas, documents=None,
-                    add_generation_prompt=add_generation_prompt, **self.context,
+                    messages=prepared,
+                    tools=self.tool_schemas,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.context,
                 )
                 self.checked[key] = fast == self.slow(original, add_generation_prompt)
             if self.checked.get(key, True):
                 return self.compiled.render(
-                    messages=prepared, tools=self.tool_schemas, documents=None,
-                    add_generation_prompt=add_generation_prompt, **self.context,
+                    messages=prepared,
+                    tools=self.tool_schemas,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self.context,
                 )
         return self.slow(original if original is not None else prepared, add_generation_prompt)
 
     def slow(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tools=self.tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            messages,
+            tools=self.tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
             **self.template_kwargs,
         )
 
@@ -265,90 +274,6 @@ def _end_of_turn(tokenizer: Any, template: str, specials: tuple[str, ...]) -> tu
     return tuple(dict.fromkeys(found))
 
 
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens(tokenizer, generation_config)]
-
-
-def eos_ids(generation_config: Any) -> list[int]:
-    if generation_config is None:
-        return []
-    value = generation_config.get("eos_token_id") if isinstance(generation_config, dict) else None
-    if value is None and not isinstance(generation_config, dict):
-        value = getattr(generation_config, "eos_token_id", None)
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
-
-
-def local_generation_config(tokenizer: Any) -> dict | None:
-    path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "generation_config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def template_end_of_turn(tokenizer: Any, template: str) -> tuple[str, ...]:
-    return _end_of_turn(tokenizer, template, tuple(chat_spans.special_tokens(tokenizer)))
-
-
-PROBE_CALL = {"type": "function", "function": {"name": "probe_tool", "arguments": {"a": 1}}}
-
-
-@lru_cache(maxsize=64)
-def _end_of_turn(tokenizer: Any, template: str, specials: tuple[str, ...]) -> tuple[str, ...]:
-    """The special token the template renders right after a final reply, and at the end of a conversation that ends
-    with a tool call; for templates that render none (the next role's header ends a turn), the special token that
-    follows a reply before the next user turn and a tool call before its result."""
-    import re
-
-    if not specials:
-        return ()
-    pattern = re.compile("|".join(re.escape(t) for t in specials))
-    open_, close = chat_spans.sentinels(0)
-    user = {"role": "user", "content": "x"}
-    reply = {"role": "assistant", "content": f"{open_}y{close}"}
-    call = {"role": "assistant", "content": "", "tool_calls": [PROBE_CALL]}
-    result = {"role": "tool", "content": "1", "name": "probe_tool"}
-
-    def attempt(messages: list[dict]) -> str | None:
-        try:
-            return render(tokenizer, messages)
-        except Exception:
-            return None
-
-    def special_at(text: str, at: int) -> str | None:
-        rest = text[at:]
-        match = pattern.match(text, at + len(rest) - len(rest.lstrip()))
-        return match.group() if match else None
-
-    found: list[str] = []
-    last = attempt([user, reply])
-    if last and close in last:
-        token = special_at(last, last.index(close) + 1)
-        if token:
-            found.append(token)
-    ended = attempt([user, call])
-    if ended:
-        matches = list(pattern.finditer(ended))
-        if matches and matches[-1].end() == len(ended.rstrip()) and found and matches[-1].group() != found[0]:
-            found.append(matches[-1].group())
-        elif matches and matches[-1].end() == len(ended.rstrip()) and not found:
-            found.append(matches[-1].group())
-    if not found or (last and close in last and not special_at(last, last.index(close) + 1)):
-        following = attempt([user, reply, {"role": "user", "content": "z"}])
-        if following and close in following:
-            token = special_at(following, following.index(close) + 1)
-            if token:
-                found.append(token)
-        called = attempt([user, call, result])
-        if ended and called and called.startswith(ended.rstrip()):
-            token = special_at(called, len(ended.rstrip()))
-            if token:
-                found.append(token)
-    return tuple(dict.fromkeys(found))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Turns as at inference
 # --------------------------------------------------------------------------------------------------------------
@@ -421,7 +346,13 @@ def turn_replies(
     lasts = {t: renderer.text(chat[: t + 1], False, messages[: t + 1]) for t in turns if t + 1 < len(messages)}
     out = []
     for t, prompt in zip(turns, prompts, strict=True):
-        last = lasts[t] if t in lasts else whole if whole is not None else render_many(tokenizer, [messages], tools, False, template_kwargs)[0]
+        last = (
+            lasts[t]
+            if t in lasts
+            else whole
+            if whole is not None
+            else render_many(tokenizer, [messages], tools, False, template_kwargs)[0]
+        )
         if last.startswith(prompt):
             field_end = field_end_of(tokenizer, messages, t, last, tools, template_kwargs, len(prompt), stops)
             reply, stopped = reply_in(last, len(prompt), stops, field_end)

@@ -19,7 +19,14 @@ from datasets import Dataset
 
 from sftune.data import formats
 from sftune.data.formats import DatasetFormatError
-from sftune.data.tokenize import APART_REASONS, APART_TURNS, SOURCE_ROW, TokenizeOptions, make_tokenize_function, prepare_dataset
+from sftune.data.tokenize import (
+    APART_REASONS,
+    APART_TURNS,
+    SOURCE_ROW,
+    TokenizeOptions,
+    make_tokenize_function,
+    prepare_dataset,
+)
 from tests import real_tokenizers
 
 NAMES = [name for name in real_tokenizers.PAIRS if (real_tokenizers.TEMPLATES_DIR / f"{name}.jinja").exists()]

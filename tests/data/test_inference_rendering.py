@@ -98,7 +98,6 @@ def tokenizer_for():
     return get
 
 
-
 @pytest.mark.parametrize("case", list(CONVERSATIONS))
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_each_class_trains_every_turn_as_at_inference(tokenizer_for, name, case):
@@ -107,8 +106,11 @@ def test_each_class_trains_every_turn_as_at_inference(tokenizer_for, name, case)
     for stops in (None, tuple(shared.STOP[name])):  # from the template's own probes, and as generation_config
         rows = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True, stop_tokens=stops)
         check_rows(name, tokenizer, messages, rows)
-    prompts = [tokenizer.apply_chat_template(messages[:t], add_generation_prompt=True, tokenize=False) for t in
-               range(len(messages)) if messages[t]["role"] == "assistant"]
+    prompts = [
+        tokenizer.apply_chat_template(messages[:t], add_generation_prompt=True, tokenize=False)
+        for t in range(len(messages))
+        if messages[t]["role"] == "assistant"
+    ]
     texts = [tokenizer.decode(row["input_ids"]) for row in rows]
     for prompt in prompts:  # the context of each turn is its inference prompt, prefill included
         assert any(text.startswith(prompt) for text in texts)
@@ -183,6 +185,9 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_training(tokenizer_fo
     rows = [{"messages": CASES["no_assistant"]}] * 2
     with pytest.raises(DatasetFormatError, match="No row of the train dataset has a single token to train on"):
         prepare_dataset(Dataset.from_list(rows), tokenizer, TokenizeOptions(None, assistant_only_loss=True))
-    kept = prepare_dataset(Dataset.from_list([*rows, {"messages": CASES["single_turn"]}]), tokenizer,
-                           TokenizeOptions(None, assistant_only_loss=True))
+    kept = prepare_dataset(
+        Dataset.from_list([*rows, {"messages": CASES["single_turn"]}]),
+        tokenizer,
+        TokenizeOptions(None, assistant_only_loss=True),
+    )
     assert len(kept) == 3
