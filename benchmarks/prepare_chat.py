@@ -1,13 +1,15 @@
-"""Preparation speed of multi-turn conversations (3 assistant turns each), and the per-turn mode's token overhead.
+"""Preparation speed of multi-turn conversations (3 assistant turns each), and the token overhead of rendering turns
+as at inference.
 
-Run on one core, before (main's code) and after, back to back:
+Run on one core, before (an older sftune on PYTHONPATH) and after, alternating, in the same session:
 
-    taskset -c 1 python benchmarks/prepare_chat.py                       # the checkout's sftune
-    cd /work/main && taskset -c 1 python /path/to/benchmarks/prepare_chat.py   # main's sftune (before)
+    PYTHONPATH=/path/to/old taskset -c 0 python benchmarks/prepare_chat.py --overhead-rows 0   # before
+    PYTHONPATH=$PWD taskset -c 0 python benchmarks/prepare_chat.py --overhead-rows 0           # after
 
 Prints one JSON line: which sftune ran, examples/s with assistant_only_loss True and False (SmolLM2's ChatML
-template and tokenizer), and, where the code has `assistant_turns_as_examples`, its token overhead on Qwen3 (real
-vocabulary from the tests' fixtures) with reasoning in every turn.
+template and tokenizer), and, where the code has `assistant_turns_as_examples`, the tokens on Qwen3 (real
+vocabulary from the tests' fixtures) with reasoning in every turn: each conversation rendered once, the default
+(turns the whole rendering does not show as at inference rendered apart), and every turn apart.
 """
 
 from __future__ import annotations
