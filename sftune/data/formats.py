@@ -207,17 +207,20 @@ def conversation_examples(
     """
     chat = chat or ChatOptions()
     validate_messages(messages, row, column)
-    whole = render_chat(tokenizer, messages, row, tools=tools, template_kwargs=chat.template_kwargs)
     if not chat.assistant_only and not chat.every_turn:
-        return [[(whole, True)]]
+        return [[(render_chat(tokenizer, messages, row, tools=tools, template_kwargs=chat.template_kwargs), True)]]
+    require_chat_template(tokenizer, row)
     try:
-        plan = render.conversation_plan(tokenizer, messages, turns, tools, chat.template_kwargs, chat.stops, whole)
+        plan = render.conversation_plan(tokenizer, messages, turns, tools, chat.template_kwargs, chat.stops)
     except render.RenderError as error:
         raise DatasetFormatError(
             f"Row {row}, column '{column}', message {error.turn} (assistant): {error}, so the reply the model must "
             "generate cannot be found. Set assistant_only_loss=False to train on the whole conversation (its "
             "tokens stay exact), or drop this row (dataset.filter(...))."
         ) from None
+    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
+        raise template_refused(row, error) from None
+    whole = plan.whole
     if stats is not None:
         stats.record(plan.turns)
     if not plan.turns:
@@ -253,18 +256,26 @@ def render_chat(
     tools: list | None = None,
     template_kwargs: dict | None = None,
 ) -> str:
+    require_chat_template(tokenizer, row)
+    try:
+        return render.render(tokenizer, messages, tools, add_generation_prompt, **(template_kwargs or {}))
+    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
+        raise template_refused(row, error) from None
+
+
+def require_chat_template(tokenizer: Any, row: int) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DatasetFormatError(
             f"Row {row} is a conversation, but the tokenizer has no chat template. Set tokenizer.chat_template, "
             "or call sftune.setup_chat_format(model, tokenizer) to add ChatML."
         )
-    try:
-        return render.render(tokenizer, messages, tools, add_generation_prompt, **(template_kwargs or {}))
-    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
-        raise DatasetFormatError(
-            f"Row {row}: the chat template refused this conversation: {error}. Fix the row to fit the template "
-            "(or drop it with dataset.filter(...)), or use a template that accepts it."
-        ) from None
+
+
+def template_refused(row: int, error: Exception) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"Row {row}: the chat template refused this conversation: {error}. Fix the row to fit the template "
+        "(or drop it with dataset.filter(...)), or use a template that accepts it."
+    )
 
 
 def validate_messages(messages: Any, row: int, column: str) -> None:

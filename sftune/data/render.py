@@ -34,6 +34,7 @@ Plain functions that other paths (generation, IterativeSFTTrainer) use: `render`
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -128,6 +129,24 @@ class Renderer:
         )
 
 
+_RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def renderer_for(tokenizer: Any, tools: list | None = None, template_kwargs: dict | None = None) -> Renderer:
+    """A Renderer, reused per tokenizer and template for the common case of no tools and no template kwargs."""
+    if tools or template_kwargs:
+        return Renderer(tokenizer, tools, template_kwargs)
+    try:
+        cache = _RENDERERS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        return Renderer(tokenizer)
+    key = (template_for(tokenizer), repr(tokenizer.special_tokens_map))
+    if key not in cache:
+        cache.clear()
+        cache[key] = Renderer(tokenizer)
+    return cache[key]
+
+
 def template_messages(utils: Any, messages: list[dict]) -> list[dict]:
     """The messages as transformers hands them to the template (None fields dropped, plain data, reasoning field
     aliases). Version-dependent: each step is used where this transformers has it."""
@@ -147,7 +166,7 @@ def render_many(
     template_kwargs: dict | None = None,
 ) -> list[str]:
     """`apply_chat_template(c, tokenize=False, ...)` for each conversation."""
-    renderer = Renderer(tokenizer, tools, template_kwargs)
+    renderer = renderer_for(tokenizer, tools, template_kwargs)
     return [renderer.text(renderer.prepare(c), add_generation_prompt, c) for c in conversations]
 
 
@@ -336,12 +355,15 @@ def turn_replies(
     template_kwargs: dict | None = None,
     stops: tuple[str, ...] | None = None,
     whole: str | None = None,
+    renderer: Renderer | None = None,
+    chat: list[dict] | None = None,
 ) -> list[Turn]:
     """Each turn's inference prompt and reply (the module's definition); raises RenderError naming the turn where
-    the reply cannot be found in the template's rendering."""
+    the reply cannot be found in the template's rendering. `renderer` and `chat` (its `prepare(messages)`) may be
+    passed to reuse them."""
     stops = stop_tokens(tokenizer) if stops is None else stops
-    renderer = Renderer(tokenizer, tools, template_kwargs)
-    chat = renderer.prepare(messages)
+    renderer = renderer or renderer_for(tokenizer, tools, template_kwargs)
+    chat = renderer.prepare(messages) if chat is None else chat
     prompts = [renderer.text(chat[:t], True, messages[:t]) for t in turns]
     lasts = {t: renderer.text(chat[: t + 1], False, messages[: t + 1]) for t in turns if t + 1 < len(messages)}
     out = []
@@ -492,15 +514,17 @@ def conversation_plan(
     whole: str | None = None,
 ) -> Plan:
     """How `messages` is trained under the module's definition (see the module docstring)."""
+    renderer = renderer_for(tokenizer, tools, template_kwargs)
+    chat = renderer.prepare(messages)
     if whole is None:
-        whole = render_many(tokenizer, [messages], tools, False, template_kwargs)[0]
+        whole = renderer.text(chat, False, messages)
     if turns is None:
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     plan = Plan(whole)
     if not turns:
         return plan
     stops = stop_tokens(tokenizer) if stops is None else stops
-    plan.turns = turn_replies(tokenizer, messages, turns, tools, template_kwargs, stops, whole)
+    plan.turns = turn_replies(tokenizer, messages, turns, tools, template_kwargs, stops, whole, renderer, chat)
     cursor = 0
     for turn in plan.turns:
         start = len(turn.context)

@@ -252,6 +252,9 @@ def make_tokenize_function(
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """The batched `datasets.map` function that turns rows of format `fmt` into tokens."""
     check_loss_options_apply(fmt, options)
+    if fmt in (formats.MESSAGES, formats.PROMPT_COMPLETION) and options.stop_tokens is None:
+        if getattr(tokenizer, "chat_template", None) is not None:  # found once, not per row
+            options = dataclasses.replace(options, stop_tokens=render.stop_tokens(tokenizer))
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         n = len(indices)
