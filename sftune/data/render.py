@@ -13,10 +13,15 @@ The definition (one for every chat template, no per-family code). For assistant 
   for templates that end a reply only by the next role's header, that header), see `stop_tokens`.
   Where `R_t` starts with `P_t` the reply is simply `R_t[len(P_t):]` up to its stop token. Where it does not (the
   prefill is missing from `R_t`, or the template moves the system prompt into the last user turn), the reply
-  starts where `R_t` ends its copy of the prompt: after the longest piece of the generation prompt (or, for
-  templates without one, the longest tail of `P_t`) found before the reply's first field (located by sentinels,
-  sftune.data.chat_spans); what the template puts between that point and the field (a `<think>` block, a harmony
-  channel) is the model's to generate, so it is trained.
+  starts where `R_t` ends its copy of the prompt: after the generation prompt, from its last occurrence before
+  the reply's first field (located by sentinels, sftune.data.chat_spans) and as far as it matches there, cut only
+  between special tokens (or, for templates without a generation prompt, after the longest tail of `P_t` found
+  there); what the template puts between that point and the field (a `<think>` block, a harmony channel) is the
+  model's to generate, so it is trained. Where `R_t` renders no stop token after the reply (the next role's
+  header ends a turn) and the whole conversation does, the reply runs through that one.
+- Tokens: an example's text is tokenized whole (sftune.data.tokenize), so the context's ids are `P_t`'s own,
+  except where a reply begins with characters the tokenizer merges with the prompt's last ones (ChatML's
+  `assistant\n` + a reply starting with `\n`): that one token carries reply text and is trained.
 
 Examples. A conversation is kept as one example (its whole rendering `W`, tokens equal to
 `apply_chat_template(tokenize=True)`) when, for every trained turn, `W` starts with `P_t + reply_t`. Turns for
