@@ -1,13 +1,15 @@
-"""Preparation speed of multi-turn conversations (3 assistant turns each), and the per-turn mode's token overhead.
+"""Preparation speed of multi-turn conversations (3 assistant turns each), and the token overhead of rendering turns
+as at inference.
 
-Run on one core, before (main's code) and after, back to back:
+Run on one core, before (an older sftune on PYTHONPATH) and after, alternating, in the same session:
 
-    taskset -c 1 python benchmarks/prepare_chat.py                       # the checkout's sftune
-    cd /work/main && taskset -c 1 python /path/to/benchmarks/prepare_chat.py   # main's sftune (before)
+    PYTHONPATH=/path/to/old taskset -c 0 python benchmarks/prepare_chat.py --overhead-rows 0   # before
+    PYTHONPATH=$PWD taskset -c 0 python benchmarks/prepare_chat.py --overhead-rows 0           # after
 
 Prints one JSON line: which sftune ran, examples/s with assistant_only_loss True and False (SmolLM2's ChatML
-template and tokenizer), and, where the code has `assistant_turns_as_examples`, its token overhead on Qwen3 (real
-vocabulary from the tests' fixtures) with reasoning in every turn.
+template and tokenizer), and, where the code has `assistant_turns_as_examples`, the tokens on Qwen3 (real
+vocabulary from the tests' fixtures) with reasoning in every turn: each conversation rendered once, the default
+(turns the whole rendering does not show as at inference rendered apart), and every turn apart.
 """
 
 from __future__ import annotations
@@ -64,22 +66,28 @@ def turn_overhead(rows: list[dict]) -> dict:
     tokenizer = real_tokenizers.load("qwen3")
     data = Dataset.from_list(rows)
     out = {}
-    for per_turn in (False, True):
-        options = TokenizeOptions(max_length=None, assistant_only_loss=True, assistant_turns_as_examples=per_turn)
-        prepared = prepare_dataset(data, tokenizer, options)
-        out["per_turn" if per_turn else "whole"] = {
+    modes = {
+        "whole_rendering": {"assistant_only_loss": False},  # each conversation rendered once: the baseline tokens
+        "default": {"assistant_only_loss": True},
+        "per_turn": {"assistant_only_loss": True, "assistant_turns_as_examples": True},
+    }
+    for mode, options in modes.items():
+        prepared = prepare_dataset(data, tokenizer, TokenizeOptions(max_length=None, **options))
+        out[mode] = {
             "examples": len(prepared),
             "tokens": sum(len(ids) for ids in prepared["input_ids"]),
             "trained": sum(sum(mask) for mask in prepared["loss_mask"]),
         }
-    out["token_overhead"] = round(out["per_turn"]["tokens"] / out["whole"]["tokens"], 3)
+    base = out["whole_rendering"]["tokens"]
+    out["token_overhead_default"] = round(out["default"]["tokens"] / base, 3)
+    out["token_overhead_per_turn"] = round(out["per_turn"]["tokens"] / base, 3)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--overhead-rows", type=int, default=2_000)
+    parser.add_argument("--overhead-rows", type=int, default=2_000, help="0: skip the token overhead measurement")
     args = parser.parse_args()
 
     import datasets
@@ -99,7 +107,7 @@ def main() -> None:
         "examples_per_s_assistant_only": round(time_prepare(tokenizer, rows, assistant_only_loss=True), 1),
         "examples_per_s_all_tokens": round(time_prepare(tokenizer, rows, assistant_only_loss=False), 1),
     }
-    if "assistant_turns_as_examples" in TokenizeOptions.__dataclass_fields__:
+    if args.overhead_rows and "assistant_turns_as_examples" in TokenizeOptions.__dataclass_fields__:
         result["qwen3_reasoning_per_turn"] = turn_overhead(conversations(args.overhead_rows, 1, reasoning=True))
     print(json.dumps(result))
 

@@ -136,8 +136,17 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Make each assistant turn of a conversation its own example, its history rendered as at inference, "
-            "training only that turn: every turn's reasoning is trained (whole conversations drop past reasoning), "
-            "at the cost of repeating the history (2.2x the tokens on 3-turn reasoning chats)."
+            "training only that turn (by default only turns the whole conversation does not show as at inference "
+            "become their own examples, see inexact_turns)."
+        },
+    )
+    inexact_turns: str = field(
+        default="split",
+        metadata={
+            "help": "Assistant turns that the whole conversation's rendering does not show as at inference (past "
+            "reasoning dropped, a prefill, a moved system prompt): 'split' trains each as its own example rendered "
+            "as at inference (logged once per dataset); 'error' refuses such rows before training.",
+            "choices": ["split", "error"],
         },
     )
     padding_free: bool = field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import json
 import os
 import struct
 from pathlib import Path
@@ -35,6 +36,40 @@ PAIRS: dict[str, tuple[str, str | None, str, list[str]]] = {
     "gemma2": ("mistral_v1", "<s>", "<eos>", ["<start_of_turn>", "<end_of_turn>", "<eos>"]),
     "smollm2": ("smollm2", "<|im_start|>", "<|im_end|>", []),
     "chatml": ("smollm2", "<|im_start|>", "<|im_end|>", []),
+    "qwen3_5": ("qwen3", None, "<|im_end|>", []),
+    "llama3_2": ("llama3", "<|begin_of_text|>", "<|eot_id|>", []),
+    "deepseek_r1_distill": (
+        "qwen3",
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        [
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<｜tool▁calls▁begin｜>",
+            "<｜tool▁calls▁end｜>",
+            "<｜tool▁call▁begin｜>",
+            "<｜tool▁call▁end｜>",
+            "<｜tool▁outputs▁begin｜>",
+            "<｜tool▁outputs▁end｜>",
+            "<｜tool▁output▁begin｜>",
+            "<｜tool▁output▁end｜>",
+            "<｜tool▁sep｜>",
+        ],
+    ),
+    "gemma3": ("mistral_v1", "<bos>", "<eos>", ["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"]),
+    "gemma4": (
+        "mistral_v1",
+        "<bos>",
+        "<eos>",
+        ["<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>"]
+        + ["<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", '<|"|>', "<|think|>"],
+    ),
+    "mistral_nemo": ("tekken", "<s>", "</s>", []),
+    "mistral_v01": ("mistral_v1", "<s>", "</s>", []),
+    "phi4": ("cl100k", None, "<|im_end|>", ["<|im_start|>", "<|im_sep|>", "<|im_end|>"]),
+    "smollm3": ("llama3", None, "<|im_end|>", ["<|im_start|>", "<|im_end|>"]),
 }
 
 
@@ -84,6 +119,8 @@ def build_vocabulary(vocab: str):
         return build_smollm2()
     if vocab.startswith("mistral_"):
         return build_sentencepiece(vocab)
+    if vocab == "tekken":
+        return build_tekken()
     return build_tiktoken(vocab)
 
 
@@ -115,7 +152,12 @@ def build_tiktoken(vocab: str):
 
     data = site_data("quicktok")
     ranks_name = "o200k" if vocab == "o200k_harmony" else vocab
-    pattern = {"llama3": core.LLAMA3_PAT, "qwen3": core.QWEN_PAT, "o200k_harmony": core.O200K_PAT}[vocab]
+    pattern = {
+        "llama3": core.LLAMA3_PAT,
+        "qwen3": core.QWEN_PAT,
+        "o200k_harmony": core.O200K_PAT,
+        "cl100k": core.CL100K_PAT_POSSESSIVE,
+    }[vocab]
     ranks = read_quicktok(data / f"{ranks_name}.vocab", with_ids=False)
     specials = sorted(read_quicktok(data / f"{vocab}.special", with_ids=True), key=lambda item: item[1])
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +180,30 @@ def build_tiktoken(vocab: str):
     tokenizer.add_special_tokens({"additional_special_tokens": names})
     for token, token_id in kept:
         assert tokenizer.convert_tokens_to_ids(token.decode()) == token_id, token
+    return tokenizer
+
+
+TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
+TEKKEN_SPECIALS += ["[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]"]
+
+
+def build_tekken():
+    """Mistral-Nemo's tekken (mistral-common's tekken_240718.json): its ranks and split pattern as a BPE, and its
+    control tokens as special tokens (their ids differ from the real ones; the tokenization does not)."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    data = json.loads((site_data("mistral_common") / "tekken_240718.json").read_text())
+    config = data["config"]
+    size = config["default_vocab_size"] - config["default_num_special_tokens"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks_file = Path(tmp) / "ranks.tiktoken"
+        ranks_file.write_text("".join(f"{t['token_bytes']} {t['rank']}\n" for t in data["vocab"][:size]))
+        backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=config["pattern"]).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": TEKKEN_SPECIALS})
     return tokenizer
 
 

@@ -1,109 +1,40 @@
-"""Find where each assistant turn lies in a conversation rendered once by its chat template, for any template.
+"""Locate an assistant turn's fields (content, reasoning, tool-call names and string arguments) in a rendering of
+its conversation, for any chat template. sftune.data.render uses it where a reply must be found in a rendering
+that does not start with the turn's inference prompt.
 
-The whole conversation is rendered once (that string, tokenized whole, is exactly what
-`apply_chat_template(tokenize=True)` gives). Assistant turns are then located in that very string, so templates that
-rewrite earlier turns (drop past reasoning, end past turns differently, move the system prompt) need no special case:
-
-1. `{% generation %}` markers, where the template has them, are honoured as they are (transformers' own indices).
-2. Otherwise the conversation is rendered once more with a private-use *sentinel* pair around each assistant
-   field (content, reasoning, tool-call names and string arguments); leading/trailing whitespace stays outside the
-   sentinels so templates that `trim` still render them. Removing the sentinels must give back the plain rendering
-   exactly, which proves every sentinel sits where the field sits in the real rendering.
-3. Where that check fails for a template that transforms a field (e.g. splits `</think>` out of the content), each
+1. The conversation is rendered once more with a private-use *sentinel* pair around each assistant field;
+   leading/trailing whitespace stays outside the sentinels so templates that `trim` still render them. Removing
+   the sentinels must give back the plain rendering exactly, which proves every sentinel sits where the field
+   sits in the real rendering.
+2. Where that check fails for a template that transforms a field (e.g. splits `</think>` out of the content), the
    turn falls back to a diff: render with that turn's fields emptied; the region that changes is the turn.
-
-A located field region is then extended to the whole reply as the model generates it:
-- start: where inference's prompt ends. For a template with a generation prompt: right after it as it appears
-  before the reply (the longest prefix of it, cut at a special token or its end, so that DeepSeek-R1's
-  `<｜Assistant｜><think>\\n`, absent from the whole rendering, is found as `<｜Assistant｜>`): a string search, no
-  extra rendering. Without one (Llama-2, Mistral): the end of the history rendered with the generation prompt when
-  that is a prefix of the whole rendering (so the template's space before a reply, `[/INST] `, is the model's to
-  generate); when the template rewrites history so that it is not (Mistral moves the system prompt and tools into
-  the last user turn), after the last occurrence of that prompt's tail from its last special token (`[/INST]`). What the template puts
-  between that header and the content (GPT-OSS `<|channel|>final<|message|>`, Qwen3's `<think>` block) is the
-  model's to generate, so it is trained. DeepSeek-R1's generation prompt `<｜Assistant｜><think>\\n` never appears in
-  the whole rendering; its `<｜Assistant｜>` prefix does, so the reply starts after it.
-- end: through the first end-of-turn special token after the field (and any end-of-turn tokens glued to it), never
-  the newline or header that follows. End-of-turn tokens are learned from the template itself by probes (the special
-  token it puts right after an assistant reply, the last one of a conversation ending in a reply or a tool call) plus
-  the tokenizer's EOS.
 """
 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any
 
 Span = tuple[int, int]
 
 FIELDS = ("content", "reasoning_content", "thinking", "reasoning")
 SENTINEL_BASE = 0xF0000  # Supplementary Private Use Area-A: never produced by templates or normal text
-GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-class SpanError(ValueError):
-    """A turn cannot be located exactly; `turn` is its message index."""
-
-    def __init__(self, turn: int, reason: str):
-        super().__init__(reason)
-        self.turn = turn
 
 
 def sentinels(k: int) -> tuple[str, str]:
     return chr(SENTINEL_BASE + 2 * k), chr(SENTINEL_BASE + 2 * k + 1)
 
 
-def render(tokenizer: Any, messages: list[dict], tools: list | None, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def assistant_spans(
+def render(
     tokenizer: Any,
     messages: list[dict],
-    full: str,
-    tools: list | None = None,
-    turns: list[int] | None = None,
-) -> list[Span]:
-    """Character spans of `full` (the plain rendering of `messages`) to train: the assistant turns `turns`
-    (message indices; default all assistant messages), each the reply as the model generates it plus its
-    end-of-turn token(s). Raises SpanError naming the turn where a turn cannot be located."""
-    if turns is None:
-        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if not turns:
-        return []
-    template = tokenizer.chat_template
-    if GENERATION_MARKER.search(template):
-        return generation_marker_spans(tokenizer, messages, full, tools)
-    regions = sentinel_regions(tokenizer, messages, full, tools, turns)
-    if regions is None:
-        regions = {i: diff_region(tokenizer, messages, full, tools, i) for i in turns}
-    probes = template_probes(tokenizer, template)
-    spans: list[Span] = []
-    lower = 0
-    ordered = sorted(turns)
-    for n, i in enumerate(ordered):
-        region = regions.get(i)
-        upper = len(full)
-        for later in ordered[n + 1 :]:
-            if regions.get(later):
-                upper = regions[later][0]
-                break
-        start = reply_start(full, probes.header_cuts, lower, region[0]) if region else None
-        if start is None:
-            start = prompt_end(tokenizer, messages[:i], tools, full, lower, region[0] if region else upper)
-        if region is None:
-            if start is None:
-                raise SpanError(i, "the chat template does not render this assistant turn's content")
-            region = (start, start)  # rendered empty (e.g. tool calls a template ignores): the reply is its end
-        if start is None:
-            start = anchored_start(tokenizer, messages[:i], tools, full, lower, region[0], probes.specials)
-        end = reply_end(full, probes.end_of_turn, region[1], upper)
-        if end <= start:
-            raise SpanError(i, "the chat template renders nothing for this assistant turn")
-        spans.append((start, end))
-        lower = spans[-1][1]
-    return spans
+    tools: list | None,
+    generation_prompt: bool = False,
+    template_kwargs: dict | None = None,
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **(template_kwargs or {})
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,7 +85,12 @@ def marked_message(message: dict, next_pair) -> dict:
 
 
 def sentinel_regions(
-    tokenizer: Any, messages: list[dict], full: str, tools: list | None, turns: list[int]
+    tokenizer: Any,
+    messages: list[dict],
+    full: str,
+    tools: list | None,
+    turns: list[int],
+    template_kwargs: dict | None = None,
 ) -> dict[int, Span | None] | None:
     """{turn: (start of its first field, end of its last field) in `full`}, or None when a template transforms a
     field. Each field gets its own sentinel pair and only its first rendering counts: templates may repeat a field
@@ -178,7 +114,7 @@ def sentinel_regions(
     if sentinel.search(full):
         return None
     try:
-        text = render(tokenizer, marked, tools)
+        text = render(tokenizer, marked, tools, template_kwargs=template_kwargs)
     except Exception:
         return None
     first_open: dict[int, int] = {}
@@ -211,7 +147,14 @@ def sentinel_regions(
     return regions
 
 
-def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | None, turn: int) -> Span | None:
+def diff_region(
+    tokenizer: Any,
+    messages: list[dict],
+    full: str,
+    tools: list | None,
+    turn: int,
+    template_kwargs: dict | None = None,
+) -> Span | None:
     """Where `full` changes when this turn's fields are emptied: the text the template renders from them."""
     emptied = dict(messages[turn])
     for field in FIELDS:
@@ -219,7 +162,9 @@ def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | N
             emptied[field] = ""
     emptied.pop("tool_calls", None)
     try:
-        other = render(tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools)
+        other = render(
+            tokenizer, [*messages[:turn], emptied, *messages[turn + 1 :]], tools, template_kwargs=template_kwargs
+        )
     except Exception:
         return None
     prefix = 0
@@ -233,161 +178,9 @@ def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | N
     return (prefix, end) if end > prefix else None
 
 
-def generation_marker_spans(tokenizer: Any, messages: list[dict], full: str, tools: list | None) -> list[Span]:
-    """The template's own `{% generation %}` blocks, as transformers finds them (character spans)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, indices = render_jinja_template(
-        conversations=[messages],
-        tools=tools,
-        chat_template=tokenizer.chat_template,
-        return_assistant_tokens_mask=True,
-        **tokenizer.special_tokens_map,
-    )
-    if rendered[0] != full:
-        raise SpanError(0, "the template's {% generation %} rendering differs from its plain rendering")
-    return [(start, end) for start, end in indices[0] if end > start]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Extending a field region to the whole reply
-# --------------------------------------------------------------------------------------------------------------
-
-
-class Probes:
-    def __init__(self, header_cuts: list[str], end_of_turn: list[str], specials: list[str]):
-        self.header_cuts = header_cuts  # longest first
-        self.end_of_turn = end_of_turn
-        self.specials = specials
-
-
 def special_tokens(tokenizer: Any) -> list[str]:
     """Added tokens, special or not: each is one atomic token (some real tokenizers leave turn markers unflagged)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     tokens = {getattr(t, "content", str(t)) for t in decoder.values()}
     tokens |= set(getattr(tokenizer, "all_special_tokens", []) or [])
     return sorted((t for t in tokens if t), key=len, reverse=True)
-
-
-def template_probes(tokenizer: Any, template: str) -> Probes:
-    return _probes(tokenizer, template, tuple(special_tokens(tokenizer)), tokenizer.eos_token)
-
-
-@lru_cache(maxsize=64)
-def _probes(tokenizer: Any, template: str, specials: tuple[str, ...], eos: str | None) -> Probes:
-    pattern = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
-    user = {"role": "user", "content": "x"}
-
-    def first_special(text: str, at: int) -> str | None:
-        match = pattern.match(text, at + len(text[at:]) - len(text[at:].lstrip(" \t"))) if pattern else None
-        return match.group() if match else None
-
-    def last_special(text: str) -> str | None:
-        matches = list(pattern.finditer(text)) if pattern else []
-        return matches[-1].group() if matches else None
-
-    end_of_turn = {eos} if eos else set()
-    open_, close = sentinels(0)
-    reply = {"role": "assistant", "content": f"{open_}y{close}"}
-    for conversation in (
-        [user, reply],
-        [user, reply, {"role": "user", "content": "z"}, {"role": "assistant", "content": "w"}],
-        [user, {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}],
-    ):
-        try:
-            text = render(tokenizer, conversation, None)
-        except Exception:
-            continue
-        if close in text:
-            found = first_special(text, text.index(close) + 1)
-            if found:
-                end_of_turn.add(found)
-        if conversation[-1] is not reply and len(conversation) == 2:
-            found = last_special(text)
-            if found:
-                end_of_turn.add(found)
-        elif conversation[-1] is reply:
-            found = last_special(text.replace(open_, "").replace(close, ""))
-            if found and text.rstrip().endswith(found):
-                end_of_turn.add(found)
-    header = ""
-    try:
-        with_prompt = render(tokenizer, [user], None, generation_prompt=True)
-        without = render(tokenizer, [user], None)
-        if with_prompt.startswith(without):
-            header = with_prompt[len(without) :]
-    except Exception:
-        pass
-    cuts = {len(header)} if header.strip() else set()
-    if pattern:
-        cuts |= {m.end() for m in pattern.finditer(header)}
-    header_cuts = [header[:cut] for cut in sorted(cuts, reverse=True) if header[:cut].strip()]
-    return Probes(header_cuts, sorted(end_of_turn, key=len, reverse=True), list(specials))
-
-
-TOOL_CALL = {"type": "function", "function": {"name": "probe_tool", "arguments": {"a": 1}}}
-
-
-def prompt_end(tokenizer: Any, history: list[dict], tools: list | None, full: str, lower: int, field_start: int):
-    """Where inference's prompt for this turn ends, when the template renders it as a prefix of the whole."""
-    if not history:
-        return None
-    try:
-        prompt = render(tokenizer, history, tools, generation_prompt=True)
-    except Exception:
-        return None
-    if lower <= len(prompt) <= field_start and full.startswith(prompt):
-        return len(prompt)
-    return None
-
-
-def reply_start(full: str, header_cuts: list[str], lower: int, field_start: int) -> int | None:
-    for header in header_cuts:
-        found = full.rfind(header, lower, field_start)
-        if found >= 0:
-            return found + len(header)
-    return None
-
-
-def anchored_start(
-    tokenizer: Any,
-    history: list[dict],
-    tools: list | None,
-    full: str,
-    lower: int,
-    field_start: int,
-    specials: list[str],
-) -> int:
-    """Templates without a generation prompt that rewrite history (Mistral moves the system prompt and tools into
-    the last user turn): inference's prompt ends with a special token (`[/INST]`); the reply starts after the
-    last occurrence of the prompt's tail from that token on, before the reply; else at the field itself."""
-    try:
-        prompt = render(tokenizer, history, tools, generation_prompt=True)
-    except Exception:
-        return field_start
-    tails = [prompt.rfind(token) for token in specials]
-    cut = max(tails, default=-1)
-    if cut < 0 or not prompt[cut:].strip():
-        return field_start
-    found = full.rfind(prompt[cut:], lower, field_start)
-    return found + len(prompt) - cut if found >= 0 else field_start
-
-
-def reply_end(full: str, end_of_turn: list[str], field_end: int, upper: int) -> int:
-    best = None
-    for token in end_of_turn:
-        found = full.find(token, field_end, upper)
-        if found >= 0 and (best is None or found < best[0]):
-            best = (found, found + len(token))
-    if best is None:
-        return field_end
-    end = best[1]
-    glued = True
-    while glued:
-        glued = False
-        for token in end_of_turn:
-            if full.startswith(token, end) and end + len(token) <= upper:
-                end += len(token)
-                glued = True
-                break
-    return end

@@ -9,10 +9,11 @@ only say which characters are trained. Every format becomes segments, so all for
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DatasetFormatError
-from . import chat_spans
+from . import render
 
 Segments = list[tuple[str, bool]]
 
@@ -111,22 +112,59 @@ def text_segments(text: Any, row: int, column: str) -> Segments:
     return [(text, True)]
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """How conversations become examples (sftune.data.render defines what a turn trains)."""
+
+    assistant_only: bool = True  # False: the whole rendering is trained
+    every_turn: bool = False  # assistant_turns_as_examples: each assistant turn its own example
+    inexact_turns: str = "split"  # turns the whole rendering does not show as at inference: "split" or "error"
+    template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}, passed to the chat template
+    stops: tuple[str, ...] | None = None  # stop tokens (default: render.stop_tokens(tokenizer))
+
+
+class TurnStats:
+    """What the conversations of one batch became: turns rendered apart from the whole and why (bit per reason)."""
+
+    REASONS = (render.PROMPT_DIFFERS, render.REPLY_DIFFERS, render.PREFILL, render.NO_STOP)
+
+    def __init__(self) -> None:
+        self.apart_turns = 0
+        self.reasons = 0
+
+    def record(self, turns: list[render.Turn]) -> None:
+        for turn in turns:
+            if turn.reason:
+                self.apart_turns += 1
+                self.reasons |= 1 << self.REASONS.index(turn.reason)
+            if not turn.stopped:  # recorded, not a reason to render apart
+                self.reasons |= 1 << self.REASONS.index(render.NO_STOP)
+
+    @classmethod
+    def describe(cls, bits: int) -> list[str]:
+        return [reason for i, reason in enumerate(cls.REASONS) if bits >> i & 1]
+
+
 def prompt_completion_segments(
-    prompt: Any, completion: Any, row: int, tokenizer: Any, tools: list | None = None
-) -> Segments:
-    """Loss-eligible completion after a prompt; both strings, or both lists of chat messages.
+    prompt: Any,
+    completion: Any,
+    row: int,
+    tokenizer: Any,
+    tools: list | None = None,
+    chat: ChatOptions | None = None,
+    stats: TurnStats | None = None,
+) -> list[Segments]:
+    """Loss-eligible completion after a prompt; both strings, or both lists of chat messages. Returns examples.
 
     Strings: `[(prompt, False), (completion, True)]`; sftune.data.tokenize keeps the prompt's own tokens and
-    tokenizes the completion in context. Messages: the whole conversation `prompt + completion` is rendered once
-    and the completion's assistant turns are located in it exactly as for conversations (see
-    `conversation_segments`). A generation prompt that the whole rendering does not contain (DeepSeek-R1's
-    `<think>\n`) is not added: the tokens are the template's rendering of the whole conversation, and the
-    completion is the reply as rendered there, starting right after the assistant header.
+    tokenizes the completion in context. Messages: the conversation `prompt + completion` trains the completion's
+    assistant turns exactly as a conversation trains its turns (`conversation_examples`): each reply in its
+    inference prompt.
     """
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
             raise DatasetFormatError(f"Row {row}, column 'completion' is empty. Remove rows without a completion.")
-        return [(prompt, False), (completion, True)]
+        return [[(prompt, False), (completion, True)]]
     if isinstance(prompt, list) and isinstance(completion, list):
         validate_messages(prompt, row, "prompt")
         validate_messages(completion, row, "completion")
@@ -137,68 +175,74 @@ def prompt_completion_segments(
                 f"Row {row}, column 'completion': it has no assistant message, so there is nothing to train on. "
                 "Put the model's reply in the completion as {'role': 'assistant', 'content': ...}."
             )
-        return conversation_segments(messages, row, tokenizer, tools=tools, turns=turns, column="completion")
+        return conversation_examples(
+            messages, row, tokenizer, tools, chat, turns=turns, column="completion", stats=stats
+        )
     raise DatasetFormatError(
         f"Row {row}: 'prompt' and 'completion' must both be strings or both be lists of messages; got "
         f"{type(prompt).__name__} and {type(completion).__name__}."
     )
 
 
-def conversation_segments(
+def conversation_examples(
     messages: Any,
     row: int,
     tokenizer: Any,
     tools: list | None = None,
-    assistant_only: bool = True,
+    chat: ChatOptions | None = None,
     turns: list[int] | None = None,
     column: str = "messages",
-) -> Segments:
-    """The conversation rendered once, cut into untrained text and trained assistant replies.
+    stats: TurnStats | None = None,
+) -> list[Segments]:
+    """The examples a conversation becomes, each as segments, under sftune.data.render's definition.
 
-    The segments concatenate to `apply_chat_template(messages, tokenize=False)` and are tokenized as that one
-    string (sftune.data.tokenize), so the tokens equal `apply_chat_template(tokenize=True)` for every template,
-    including ones that rewrite earlier turns. Each trained reply is located in that rendering by
-    sftune.data.chat_spans: from the end of the assistant header (what the template adds after it, e.g. a `<think>`
-    block or a harmony channel, is the model's to generate) through its end-of-turn token(s), never the newline
-    or next header after them. `turns` picks which assistant messages to train (default: all);
-    `assistant_only=False` trains the whole rendering.
+    Usually one: the whole rendering (its tokens are `apply_chat_template(tokenize=True)`), training every reply
+    where it sits. Turns the whole rendering does not show as at inference become their own examples
+    (`inference prompt + reply`), unless `chat.inexact_turns == "error"`, which refuses them naming the row, the
+    turn and why. `chat.every_turn` makes each assistant turn its own example; `chat.assistant_only=False`
+    trains the whole rendering. `turns` picks which assistant messages to train (default: all).
     """
+    chat = chat or ChatOptions()
     validate_messages(messages, row, column)
-    full = render_chat(tokenizer, messages, row, tools=tools)
-    if not assistant_only:
-        return [(full, True)]
+    if not chat.assistant_only and not chat.every_turn:
+        return [[(render_chat(tokenizer, messages, row, tools=tools, template_kwargs=chat.template_kwargs), True)]]
+    require_chat_template(tokenizer, row)
     try:
-        spans = chat_spans.assistant_spans(tokenizer, messages, full, tools=tools, turns=turns)
-    except chat_spans.SpanError as error:
+        plan = render.conversation_plan(tokenizer, messages, turns, tools, chat.template_kwargs, chat.stops)
+    except render.RenderError as error:
         raise DatasetFormatError(
-            f"Row {row}, column '{column}', message {error.turn} (assistant): {error}, so its tokens cannot be "
-            "located exactly in the conversation. Set assistant_only_loss=False to train on the whole conversation "
-            "(its tokens stay exact), or drop this row (dataset.filter(...))."
+            f"Row {row}, column '{column}', message {error.turn} (assistant): {error}, so the reply the model must "
+            "generate cannot be found. Set assistant_only_loss=False to train on the whole conversation (its "
+            "tokens stay exact), or drop this row (dataset.filter(...))."
         ) from None
-    segments: Segments = []
-    cursor = 0
-    for start, end in spans:
-        segments.append((full[cursor:start], False))
-        segments.append((full[start:end], True))
-        cursor = end
-    segments.append((full[cursor:], False))
-    return [(text, trainable) for text, trainable in segments if text]
-
-
-def conversation_turn_examples(messages: Any, row: int, tokenizer: Any, tools: list | None = None) -> list[Segments]:
-    """One example per assistant turn (`assistant_turns_as_examples=True`), for reasoning models.
-
-    Example k is the conversation up to and including assistant turn k, rendered as the template renders it at
-    inference for that turn (so its reasoning is kept, where the whole-conversation rendering drops past
-    reasoning), and trains only turn k. The cost is the repeated history: on 3-assistant-turn Qwen3 conversations
-    with reasoning in every turn (benchmarks/prepare_chat.py, 2000 conversations) it is 2.2x the tokens of the
-    whole-conversation rendering (525,541 -> 1,169,352), and 1.5x the trained tokens (past reasoning now trained).
-    """
-    validate_messages(messages, row, "messages")
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-        return [conversation_segments(messages, row, tokenizer, tools=tools)]
-    return [conversation_segments(messages[: i + 1], row, tokenizer, tools=tools, turns=[i]) for i in turns]
+    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
+        raise template_refused(row, error) from None
+    whole = plan.whole
+    if stats is not None:
+        stats.record(plan.turns)
+    if not plan.turns:
+        return [[(whole, False)]]  # nothing to train in this row; a dataset of only such rows is refused
+    if chat.every_turn:
+        return [[(turn.context, False), (turn.reply, True)] for turn in plan.turns]
+    if plan.separate and chat.inexact_turns == "error":
+        turn = plan.separate[0]
+        raise DatasetFormatError(
+            f"Row {row}, column '{column}', message {turn.message} (assistant): {turn.reason}, so training on the "
+            "whole conversation would train this reply in a context (or form) the model never sees at inference. "
+            "Set inexact_turns='split' (the default) to train such turns as their own examples rendered as at "
+            "inference, or assistant_turns_as_examples=True to make every turn its own example."
+        )
+    examples: list[Segments] = []
+    if plan.whole_spans:
+        segments: Segments = []
+        cursor = 0
+        for start, end in plan.whole_spans:
+            segments += [(whole[cursor:start], False), (whole[start:end], True)]
+            cursor = end
+        segments.append((whole[cursor : plan.whole_end], False))
+        examples.append([(text, trainable) for text, trainable in segments if text])
+    examples += [[(turn.context, False), (turn.reply, True)] for turn in plan.separate]
+    return examples
 
 
 def render_chat(
@@ -207,24 +251,28 @@ def render_chat(
     row: int,
     add_generation_prompt: bool = False,
     tools: list | None = None,
+    template_kwargs: dict | None = None,
 ) -> str:
+    require_chat_template(tokenizer, row)
+    try:
+        return render.render(tokenizer, messages, tools, add_generation_prompt, **(template_kwargs or {}))
+    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
+        raise template_refused(row, error) from None
+
+
+def require_chat_template(tokenizer: Any, row: int) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DatasetFormatError(
             f"Row {row} is a conversation, but the tokenizer has no chat template. Set tokenizer.chat_template, "
             "or call sftune.setup_chat_format(model, tokenizer) to add ChatML."
         )
-    try:
-        return tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except Exception as error:  # the template's own raise_exception, e.g. roles that must alternate
-        raise DatasetFormatError(
-            f"Row {row}: the chat template refused this conversation: {error}. Fix the row to fit the template "
-            "(or drop it with dataset.filter(...)), or use a template that accepts it."
-        ) from None
+
+
+def template_refused(row: int, error: Exception) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"Row {row}: the chat template refused this conversation: {error}. Fix the row to fit the template "
+        "(or drop it with dataset.filter(...)), or use a template that accepts it."
+    )
 
 
 def validate_messages(messages: Any, row: int, column: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from . import formats
+from . import formats, render
 from .formats import DatasetFormatError, Segments
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ class TokenizeOptions:
     assistant_only_loss: bool = False
     truncation_mode: str = "keep_start"
     assistant_turns_as_examples: bool = False
+    # Conversation turns the whole rendering does not show as at inference (sftune.data.render): "split" trains
+    # each as its own example rendered as at inference; "error" refuses the row before training.
+    inexact_turns: str = "split"
+    chat_template_kwargs: dict | None = None  # passed to the chat template, e.g. {"enable_thinking": False}
+    stop_tokens: tuple[str, ...] | None = None  # tokens that end generation (default: sftune.data.render.stop_tokens)
     # What happens to an example longer than max_length: "truncate" (tokens dropped, and counted) or "split" into
     # max_length pieces, each its own example that keeps its loss mask (used by packing_strategy="bfd_split").
     overlong: str = "truncate"
@@ -49,33 +54,15 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def row_segments(
-    example: dict[str, Any],
-    row: int,
-    fmt: str,
-    tokenizer: Any,
-    options: TokenizeOptions,
-    text: str | None = None,
-) -> tuple[Segments, bool]:
-    """A row's segments, and whether the text needs the tokenizer's special tokens and EOS around it.
-
-    Chat-templated text already carries its own special tokens and end-of-turn markers; raw text does not.
-    """
-    if fmt in (formats.TEXT, formats.FORMATTING_FUNC):
-        column = options.text_field if fmt == formats.TEXT else "formatting_func output"
-        value = example.get(options.text_field) if text is None else text
-        return formats.text_segments(value, row, column), True
-    tools = example.get("tools")
-    if fmt == formats.MESSAGES:
-        messages = example["messages"]
-        return formats.conversation_segments(messages, row, tokenizer, tools, options.assistant_only_loss), False
-    if fmt == formats.PROMPT_COMPLETION:
-        prompt, completion = example["prompt"], example["completion"]
-        segments = formats.prompt_completion_segments(prompt, completion, row, tokenizer, tools=tools)
-        if options.completion_only_loss is False:
-            segments = [(piece, True) for piece, _ in segments]
-        return segments, isinstance(prompt, str)
-    raise ValueError(f"Unknown format {fmt!r}")
+def chat_options(options: TokenizeOptions, tokenizer: Any, example: dict[str, Any]) -> formats.ChatOptions:
+    kwargs = example.get("chat_template_kwargs") or options.chat_template_kwargs
+    return formats.ChatOptions(
+        assistant_only=options.assistant_only_loss,
+        every_turn=options.assistant_turns_as_examples,
+        inexact_turns=options.inexact_turns,
+        template_kwargs=dict(kwargs) if kwargs else None,
+        stops=options.stop_tokens,
+    )
 
 
 def row_examples(
@@ -85,12 +72,30 @@ def row_examples(
     tokenizer: Any,
     options: TokenizeOptions,
     text: str | None = None,
+    stats: formats.TurnStats | None = None,
 ) -> list[tuple[Segments, bool]]:
-    """The examples a row becomes: one, or one per assistant turn with `assistant_turns_as_examples`."""
-    if options.assistant_turns_as_examples and fmt == formats.MESSAGES:
-        examples = formats.conversation_turn_examples(example["messages"], row, tokenizer, example.get("tools"))
+    """The examples a row becomes (segments, and whether the text needs the tokenizer's special tokens and EOS
+    around it): one, or for conversations one more per turn rendered apart (sftune.data.render).
+
+    Chat-templated text already carries its own special tokens and end-of-turn markers; raw text does not.
+    """
+    if fmt in (formats.TEXT, formats.FORMATTING_FUNC):
+        column = options.text_field if fmt == formats.TEXT else "formatting_func output"
+        value = example.get(options.text_field) if text is None else text
+        return [(formats.text_segments(value, row, column), True)]
+    tools = example.get("tools")
+    if fmt == formats.MESSAGES:
+        chat = chat_options(options, tokenizer, example)
+        examples = formats.conversation_examples(example["messages"], row, tokenizer, tools, chat, stats=stats)
         return [(segments, False) for segments in examples]
-    return [row_segments(example, row, fmt, tokenizer, options, text)]
+    if fmt == formats.PROMPT_COMPLETION:
+        prompt, completion = example["prompt"], example["completion"]
+        chat = dataclasses.replace(chat_options(options, tokenizer, example), assistant_only=True, every_turn=False)
+        examples = formats.prompt_completion_segments(prompt, completion, row, tokenizer, tools, chat, stats)
+        if options.completion_only_loss is False:
+            examples = [[(piece, True) for piece, _ in segments] for segments in examples]
+        return [(segments, isinstance(prompt, str)) for segments in examples]
+    raise ValueError(f"Unknown format {fmt!r}")
 
 
 def tokenize_rows(
@@ -247,6 +252,9 @@ def make_tokenize_function(
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """The batched `datasets.map` function that turns rows of format `fmt` into tokens."""
     check_loss_options_apply(fmt, options)
+    if fmt in (formats.MESSAGES, formats.PROMPT_COMPLETION) and options.stop_tokens is None:
+        if getattr(tokenizer, "chat_template", None) is not None:  # found once, not per row
+            options = dataclasses.replace(options, stop_tokens=render.stop_tokens(tokenizer))
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         n = len(indices)
@@ -265,13 +273,18 @@ def make_tokenize_function(
                     _call_formatting_func(formatting_func, example, f"row {row}")
                     for example, row in zip(examples, indices, strict=True)
                 ]
-        rows, numbers = [], []
+        rows, numbers, apart, reasons = [], [], [], []
         for example, row, text in zip(examples, indices, texts, strict=True):
-            for example_row in row_examples(example, row, fmt, tokenizer, options, text):
-                rows.append(example_row)
-                numbers.append(row)  # one row can give several examples (assistant_turns_as_examples)
+            stats = formats.TurnStats()
+            made = row_examples(example, row, fmt, tokenizer, options, text, stats)
+            rows += made
+            numbers += [row] * len(made)  # one row can give several examples
+            apart += [stats.apart_turns] + [0] * (len(made) - 1)
+            reasons += [stats.reasons] + [0] * (len(made) - 1)
         out = tokenize_rows(rows, tokenizer, options, indices[0], numbers)
         out[SOURCE_ROW] = numbers
+        out[APART_TURNS] = apart
+        out[APART_REASONS] = reasons
         return out
 
     return tokenize_batch
@@ -289,6 +302,8 @@ def _call_formatting_func(formatting_func: Callable, value: Any, where: str) -> 
 
 def check_loss_options_apply(fmt: str, options: TokenizeOptions) -> None:
     """Loss options that cannot apply to this data are an error, not silently ignored."""
+    if options.inexact_turns not in ("split", "error"):
+        raise DatasetFormatError(f"inexact_turns must be 'split' or 'error', got {options.inexact_turns!r}.")
     if options.assistant_only_loss and fmt not in (formats.MESSAGES, formats.PROMPT_COMPLETION):
         raise DatasetFormatError(
             f"assistant_only_loss=True needs conversational data (a 'messages' column), but the data is {fmt}: "
@@ -379,13 +394,56 @@ def prepare_dataset(
     stream_report = None if is_map_style else StreamTruncationReport(name, options)
     prepared = dataset.map(fit_to_max_length(function, options, stream_report), **map_kwargs)
     if is_map_style:
-        dropped = prepared.with_format("arrow")[:].column(DROPPED)
+        table = prepared.with_format("arrow")[:]
+        dropped = table.column(DROPPED)
         report_truncation(name, options, pc.sum(pc.greater(dropped, 0)).as_py(), pc.sum(dropped).as_py() or 0)
-        prepared = prepared.remove_columns(DROPPED)
+        apart, why = table.column(APART_TURNS), table.column(APART_REASONS)
+        report_turns_apart(name, pc.sum(pc.greater(apart, 0)).as_py(), pc.sum(apart).as_py() or 0, why, options)
+        require_trained_tokens(name, table.column("loss_mask"), options)
+        prepared = prepared.remove_columns([DROPPED, APART_TURNS, APART_REASONS])
     return prepared
 
 
+def report_turns_apart(name: str, conversations: int, turns: int, why: Any, options: TokenizeOptions) -> None:
+    """One log line per dataset: conversations whose turns were rendered as their own examples, and why."""
+    bits = 0
+    for value in pc.unique(why).to_pylist():
+        bits |= value or 0
+    if not bits:
+        return
+    reasons = formats.TurnStats.describe(bits)
+    if turns:
+        logger.info(
+            "The %s dataset: %d assistant turns of %d conversations are trained as their own examples rendered as "
+            "at inference, because %s (the rest of each conversation stays one example). Set inexact_turns='error' "
+            "to refuse such rows instead.",
+            name,
+            turns,
+            conversations,
+            "; or ".join(r for r in reasons if r != render.NO_STOP),
+        )
+    if render.NO_STOP in reasons:
+        logger.warning("The %s dataset: on some assistant turns %s.", name, render.NO_STOP)
+
+
+def require_trained_tokens(name: str, masks: Any, options: TokenizeOptions) -> None:
+    """A dataset that trains no token at all is refused before training (it would train on nothing)."""
+    if len(masks) and not pc.sum(pc.list_flatten(masks)).as_py():
+        hint = (
+            " With assistant_only_loss=True only assistant replies are trained: give rows with assistant messages, "
+            "or set assistant_only_loss=False."
+            if options.assistant_only_loss
+            else ""
+        )
+        raise DatasetFormatError(
+            f"No row of the {name} dataset has a single token to train on ({len(masks)} examples), so training "
+            f"would learn nothing.{hint}"
+        )
+
+
 DROPPED = "_tokens_dropped"
+APART_TURNS = "_turns_apart"  # per row (on its first example): assistant turns rendered as their own examples
+APART_REASONS = "_turns_apart_why"  # per row: bits of formats.TurnStats.REASONS
 SOURCE_ROW = "_source_row"  # the dataset row each tokenized example came from (one row may give several)
 
 
@@ -413,9 +471,11 @@ def fit_to_max_length(
     def fitted(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         whole = function(batch, indices)
         rows = whole.pop(SOURCE_ROW, indices)
+        counts = {key: whole.pop(key, None) or [0] * len(rows) for key in (APART_TURNS, APART_REASONS)}
         keys = list(whole)  # input_ids, loss_mask and maybe labels: all per token
         out: dict[str, list] = {key: [] for key in keys}
         dropped = []
+        per_example: dict[str, list] = {key: [] for key in counts}
         for i, row in enumerate(rows):
             ids = whole["input_ids"][i]
             pieces = fitting_slices(ids, whole["loss_mask"][i], options, row)
@@ -424,10 +484,16 @@ def fit_to_max_length(
                     out[key].append(whole[key][i][piece])
             lost = len(ids) - sum(len(ids[piece]) for piece in pieces)
             dropped += [lost] + [0] * (len(pieces) - 1)
-            if lost and stream_report is not None:
-                stream_report.record(row, lost)
+            for key, values in counts.items():
+                per_example[key] += [values[i]] + [0] * (len(pieces) - 1)
+            if stream_report is not None:
+                if lost:
+                    stream_report.record(row, lost)
+                if counts[APART_TURNS][i] or counts[APART_REASONS][i]:
+                    stream_report.record_turns(row, counts[APART_TURNS][i], counts[APART_REASONS][i])
         if stream_report is None:
             out[DROPPED] = dropped
+            out.update(per_example)
         return out
 
     return fitted
@@ -463,7 +529,18 @@ class StreamTruncationReport:
     """For streamed data, whose length is unknown in advance: warn at the first truncated example, once."""
 
     def __init__(self, name: str, options: TokenizeOptions) -> None:
-        self.name, self.options, self.warned = name, options, False
+        self.name, self.options, self.warned, self.told_turns = name, options, False, False
+
+    def record_turns(self, row: int, turns: int, bits: int) -> None:
+        if not self.told_turns and turns:
+            self.told_turns = True
+            logger.info(
+                "The streamed %s dataset: from row %d on, assistant turns are trained as their own examples rendered "
+                "as at inference where %s. Set inexact_turns='error' to refuse such rows instead.",
+                self.name,
+                row,
+                "; or ".join(r for r in formats.TurnStats.describe(bits) if r != render.NO_STOP),
+            )
 
     def record(self, row: int, tokens: int) -> None:
         if not self.warned:

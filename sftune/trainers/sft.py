@@ -188,6 +188,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             assistant_only_loss=args.assistant_only_loss,
             truncation_mode=args.truncation_mode,
             assistant_turns_as_examples=args.assistant_turns_as_examples,
+            inexact_turns=getattr(args, "inexact_turns", "split"),
             overlong="split" if packing and args.packing_strategy == "bfd_split" else "truncate",
         )
         dataset = prepare_dataset(

@@ -1,9 +1,13 @@
-"""Exact tokens and masks on the real chat templates of /work/shared/chat-templates with real vocabularies.
+"""Every assistant turn is trained exactly as at inference, on the real chat templates of
+/work/shared/chat-templates with real vocabularies.
 
-Expected tokens come from `tokenizer.apply_chat_template(tokenize=True)`. Expected trained spans are located here,
-independently of sftune.data.chat_spans: from the end of the family's assistant header (as its README lists it)
-before the reply's first rendered text, to the end of the family's first end-of-turn token after the reply's last
-rendered text; a token is expected trained when any of its characters is in such a span.
+Expected values are computed here, independently of sftune.data.render, from the template's own renderings:
+for assistant turn t, the context is `apply_chat_template(messages[:t], add_generation_prompt=True)` and the reply
+is the turn as rendered when it is the last message, `apply_chat_template(messages[:t+1])`: what follows the
+inference prompt when that rendering starts with it, else what follows the family's assistant header (README)
+before the reply's first rendered text; it ends with the first of the model's stop tokens (its published
+generation_config eos ids, `STOP`) after the reply's last rendered text. Each trained run of each example must be
+one turn's (context tokens, reply tokens), each turn exactly once.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ import json
 import pytest
 from datasets import Dataset
 
-from sftune.data import chat_spans, formats
+from sftune.data import formats
 from sftune.data.formats import DatasetFormatError
-from sftune.data.tokenize import SOURCE_ROW, TokenizeOptions, make_tokenize_function, prepare_dataset
+from sftune.data.tokenize import (
+    APART_REASONS,
+    APART_TURNS,
+    SOURCE_ROW,
+    TokenizeOptions,
+    make_tokenize_function,
+    prepare_dataset,
+)
 from tests import real_tokenizers
 
 NAMES = [name for name in real_tokenizers.PAIRS if (real_tokenizers.TEMPLATES_DIR / f"{name}.jinja").exists()]
@@ -32,6 +43,28 @@ HEADER = {
     "gemma2": "<start_of_turn>model\n",
     "smollm2": "<|im_start|>assistant\n",
     "chatml": "<|im_start|>assistant\n",
+    "qwen3_5": "<|im_start|>assistant\n",
+    "llama3_2": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "deepseek_r1_distill": "<｜Assistant｜>",
+    "gemma3": "<start_of_turn>model\n",
+    "gemma4": "<|turn>model\n",
+    "mistral_nemo": ("[/INST]", "[/TOOL_RESULTS]"),
+    "mistral_v01": "[/INST]",
+    "phi4": "<|im_start|>assistant<|im_sep|>",
+    "smollm3": "<|im_start|>assistant\n",
+}
+# The models' generation_config eos tokens (as published): what ends generation.
+STOP = {
+    "llama3_1": ["<|eot_id|>", "<|eom_id|>"],
+    "llama3_2": ["<|eot_id|>", "<|eom_id|>"],
+    "gptoss": ["<|return|>", "<|call|>"],
+    "phi3": ["<|end|>", "<|endoftext|>"],
+    "gemma2": ["<end_of_turn>", "<eos>"],
+    "gemma3": ["<end_of_turn>", "<eos>"],
+    "gemma4": ["<turn|>", "<|tool_response>"],
+    "deepseek_r1_distill": ["<｜end▁of▁sentence｜>"],
+    **dict.fromkeys(["mistral_v03", "mistral_nemo", "mistral_v01", "llama2_chat"], ["</s>"]),
+    **dict.fromkeys(["qwen2_5", "qwen3", "qwen3_5", "smollm2", "chatml", "smollm3", "phi4"], ["<|im_end|>"]),
 }
 END_OF_TURN = {
     "llama3_1": ["<|eot_id|>", "<|eom_id|>"],
@@ -133,7 +166,8 @@ def prepare(tokenizer, rows, **options):
     columns = {key: [row.get(key) for row in rows] for key in rows[0]}
     fmt = formats.detect_format(list(columns), options.text_field, False)
     out = make_tokenize_function(fmt, tokenizer, options)(columns, list(range(len(rows))))
-    out.pop(SOURCE_ROW)
+    for key in (SOURCE_ROW, APART_TURNS, APART_REASONS):
+        out.pop(key)
     return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
 
 
@@ -163,25 +197,99 @@ def rendered_fields(message, full, cursor):
     return (found[0][0], found[-1][1]) if found else None
 
 
-def expected_spans(name, messages, full, turns=None):
-    header, ends = HEADER[name], END_OF_TURN[name]
-    spans, cursor = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            at = full.find(message["content"].strip(), cursor)  # past this message (tools may be listed before)
-            cursor = at + len(message["content"].strip()) if at >= 0 else cursor
+def expected_reply(name, messages, t, tools=None, template_kwargs=None):
+    """(inference prompt, reply) of assistant message t, from the template's own renderings (module docstring)."""
+    kwargs = template_kwargs or {}
+    prompt = TEMPLATES.render(name, messages[:t], tools, True, kwargs)
+    last = TEMPLATES.render(name, messages[: t + 1], tools, False, kwargs)
+    aligned = last.startswith(prompt)
+    fields = rendered_fields(messages[t], last, len(prompt) if aligned else rendered_start(name, messages, t, last))
+    if aligned:
+        start = len(prompt)
+    else:
+        header = HEADER[name] if isinstance(HEADER[name], tuple) else (HEADER[name],)
+        before = fields[0] if fields else len(last)
+        start = max(last.rfind(h, 0, before) + len(h) for h in header if h in last[:before])
+    after = fields[1] if fields else start
+    ends = [last.index(e, after) + len(e) for e in STOP[name] if e in last[after:]]
+    reply = last[start : min(ends) if ends else len(last)]
+    whole = TEMPLATES.render(name, messages, tools, False, kwargs)
+    if not ends and whole.startswith(prompt + reply):  # no stop token as the last message: what follows stops it
+        rest = whole[len(prompt + reply) :]
+        stop = next((e for e in STOP[name] if rest.lstrip().startswith(e)), None)
+        if stop:
+            reply += rest[: len(rest) - len(rest.lstrip())] + stop
+    return prompt, reply
+
+
+def rendered_start(name, messages, t, last):
+    """Where the last message's rendering begins (past the history's texts)."""
+    cursor = 0
+    for message in messages[:t]:
+        text = message["content"].strip() if isinstance(message.get("content"), str) else ""
+        at = last.find(text, cursor) if text else -1
+        cursor = at + len(text) if at >= 0 else cursor
+    return cursor
+
+
+class TEMPLATES:
+    tokenizers: dict = {}
+
+    @classmethod
+    def render(cls, name, messages, tools, generation_prompt, kwargs):
+        return cls.tokenizers[name].apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+
+
+def expected_runs(name, tokenizer, messages, tools=None, turns=None, template_kwargs=None):
+    """Each trained turn's (context ids, trained ids): the tokens of `prompt + reply`, split where the prompt's own
+    tokens stop matching (a reply starting with a newline merges with ChatML's header newline: that token is
+    trained, it carries reply text)."""
+    TEMPLATES.tokenizers[name] = tokenizer
+    runs = []
+    for t, message in enumerate(messages):
+        if message["role"] != "assistant" or (turns is not None and t not in turns):
             continue
-        fields = rendered_fields(message, full, cursor)
-        if fields is None:  # rendered empty: the reply is just its end-of-turn token
-            at = full.index(header[0] if isinstance(header, tuple) else header, cursor) + len(header)
-            fields = (at, at)
-        headers = header if isinstance(header, tuple) else (header,)
-        start = max(full.rfind(h, cursor, fields[0]) + len(h) for h in headers if h in full[cursor : fields[0]])
-        end = min(full.index(e, fields[1]) + len(e) for e in ends if e in full[fields[1] :])
-        if turns is None or i in turns:
-            spans.append((start, end))
-        cursor = end
-    return spans
+        prompt, reply = expected_reply(name, messages, t, tools, template_kwargs)
+        ids = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+        alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n = 0
+        while n < min(len(ids), len(alone)) and ids[n] == alone[n]:
+            n += 1
+        runs.append((tuple(ids[:n]), tuple(ids[n:])))
+    return runs
+
+
+def observed_runs(rows):
+    runs = []
+    for row in rows:
+        ids, mask = row["input_ids"], row["loss_mask"]
+        i = 0
+        while i < len(ids):
+            if mask[i]:
+                j = i
+                while j < len(ids) and mask[j]:
+                    j += 1
+                runs.append((tuple(ids[:i]), tuple(ids[i:j])))
+                i = j
+            else:
+                i += 1
+    return runs
+
+
+def whole_is_exact(name, tokenizer, messages, tools=None):
+    """Whether the whole rendering starts with `prompt + reply` of every assistant turn (computed here)."""
+    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    TEMPLATES.tokenizers[name] = tokenizer
+    cursor = 0
+    for t, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt, reply = expected_reply(name, messages, t, tools)
+            if len(prompt) < cursor or not full.startswith(prompt + reply):
+                return False
+            cursor = len(prompt + reply)
+    return True
 
 
 def expected_mask(tokenizer, full, spans):
@@ -208,9 +316,21 @@ def template_accepts(tokenizer, messages, tools=None):
     return True
 
 
+def check_rows(name, tokenizer, messages, rows, tools=None, turns=None, template_kwargs=None):
+    """Each turn trained once, in exactly its inference prompt; an example is the whole conversation or ends with
+    its last trained token."""
+    expected = expected_runs(name, tokenizer, messages, tools, turns, template_kwargs)
+    assert sorted(observed_runs(rows)) == sorted(expected)
+    whole = tokenizer(TEMPLATES.render(name, messages, tools, False, template_kwargs or {}), add_special_tokens=False)
+    whole = whole["input_ids"]
+    for row in rows:
+        last = max((i for i, m in enumerate(row["loss_mask"]) if m), default=-1)
+        assert row["input_ids"] == whole or last == len(row["input_ids"]) - 1
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", NAMES)
-def test_tokens_and_masks_are_exact(real, name, case):
+def test_every_turn_is_trained_exactly_as_at_inference(real, name, case):
     tokenizer = real(name)
     messages = CASES[case]
     tools = TOOLS if case == "tools" else None
@@ -224,20 +344,33 @@ def test_tokens_and_masks_are_exact(real, name, case):
         with pytest.raises(DatasetFormatError, match="Row 0: the chat template refused"):
             prepare(tokenizer, [row], assistant_only_loss=True)
         return
-    # Templates that ignore reasoning or tool calls render those turns without them; exactness still holds.
     expected_ids = reference_ids(tokenizer, messages, tools)
-    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    everything = prepare(tokenizer, [row])[0]
-    assert everything["input_ids"] == expected_ids
-    assert all(everything["loss_mask"])
-    replies = prepare(tokenizer, [row], assistant_only_loss=True)[0]
-    assert replies["input_ids"] == expected_ids
-    assert replies["loss_mask"] == expected_mask(tokenizer, full, expected_spans(name, messages, full))
-    runs = trained_text(tokenizer, replies["input_ids"], replies["loss_mask"])
-    assert len(runs) == sum(m["role"] == "assistant" for m in messages)
-    for run in runs:  # never the newline after the end-of-turn token, never the next header
-        assert any(run.endswith(end) for end in END_OF_TURN[name]), run
-        assert not run.startswith(HEADER[name]), run
+    everything = prepare(tokenizer, [row])
+    assert [r["input_ids"] for r in everything] == [expected_ids] and all(everything[0]["loss_mask"])
+    for stops in (None, tuple(STOP[name])):  # the template's own end-of-turn, and the model's generation_config
+        rows = prepare(tokenizer, [row], assistant_only_loss=True, stop_tokens=stops)
+        check_rows(name, tokenizer, messages, rows, tools)
+        if whole_is_exact(name, tokenizer, messages, tools):
+            assert len(rows) == 1 and rows[0]["input_ids"] == expected_ids
+        if case == "no_assistant":
+            assert rows == [{"input_ids": expected_ids, "loss_mask": [0] * len(expected_ids)}]
+    for run in observed_runs(rows):  # never the newline after the stop token, never the next header
+        text = tokenizer.decode(run[1])
+        assert any(text.endswith(end) for end in STOP[name]), text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opting_out_of_per_turn_rendering_names_row_turn_reason_and_fix(real, name):
+    tokenizer = real(name)
+    messages = [m for m in CASES["reasoning"] if template_accepts(tokenizer, [m, user("x")]) or m["role"] != "system"]
+    if whole_is_exact(name, tokenizer, messages):
+        rows = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True, inexact_turns="error")
+        assert [r["input_ids"] for r in rows] == [reference_ids(tokenizer, messages)]
+        return
+    with pytest.raises(DatasetFormatError) as error:
+        prepare(tokenizer, [{"messages": messages}] * 2, assistant_only_loss=True, inexact_turns="error")
+    message = str(error.value)
+    assert "Row 0" in message and "(assistant)" in message and "inexact_turns='split'" in message
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -245,15 +378,12 @@ def test_conversational_prompt_completion_trains_exactly_the_completion(real, na
     tokenizer = real(name)
     messages = [m for m in CASES["three_turns"]]
     prompt, completion = messages[:-1], messages[-1:]
-    row = prepare(tokenizer, [{"prompt": prompt, "completion": completion}])[0]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert row["input_ids"] == reference_ids(tokenizer, messages)
-    spans = expected_spans(name, messages, full, turns={len(messages) - 1})
-    assert row["loss_mask"] == expected_mask(tokenizer, full, spans)
+    rows = prepare(tokenizer, [{"prompt": prompt, "completion": completion}])
+    check_rows(name, tokenizer, messages, rows, turns={len(messages) - 1})
 
 
 def test_a_reply_starting_with_a_newline_trains_the_token_that_straddles_the_header(real):
-    """ChatML's header ends with `\\n`; a reply starting with `\\n\\n` makes one `\\n\\n\\n` token with it. The ids are
+    """ChatML's header ends with `\n`; a reply starting with `\n\n` makes one `\n\n\n` token with it. The ids are
     the template's (that one token), and it is trained because it carries reply text."""
     tokenizer = real("qwen2_5")
     messages = [user("Poem?"), assistant("\n\nRoses.")]
@@ -264,77 +394,29 @@ def test_a_reply_starting_with_a_newline_trains_the_token_that_straddles_the_hea
     assert row["loss_mask"][straddler] == 1 and row["loss_mask"][straddler - 1] == 0
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gptoss"])
+@pytest.mark.parametrize("name", ["qwen3", "gptoss", "qwen3_5"])
 def test_turns_as_examples_train_every_turns_reasoning(real, name):
     tokenizer = real(name)
     messages = CASES["reasoning"]
     rows = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True, assistant_turns_as_examples=True)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     assert len(rows) == len(turns)
+    check_rows(name, tokenizer, messages, rows)
     for row, i in zip(rows, turns, strict=True):
-        history = messages[: i + 1]
-        full = tokenizer.apply_chat_template(history, tokenize=False)
-        assert row["input_ids"] == reference_ids(tokenizer, history)
-        assert row["loss_mask"] == expected_mask(tokenizer, full, expected_spans(name, history, full, turns={i}))
         (run,) = trained_text(tokenizer, row["input_ids"], row["loss_mask"])
         assert messages[i]["reasoning_content"] in run and messages[i]["content"] in run
 
 
-def test_deepseek_r1_generation_prompt_is_not_in_the_tokens(real):
-    real("smollm2")  # builds the cached vocabulary
-    """DeepSeek-R1 (template: deepseek-ai/DeepSeek-R1-Distill-Qwen tokenizer_config, tool parts left out) strips
-    reasoning from every assistant turn and its generation prompt `<｜Assistant｜><think>\\n` never appears in the
-    whole rendering: the tokens are the whole rendering's and each reply starts right after `<｜Assistant｜>`."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(real_tokenizers.cache_dir() / "smollm2")  # a private copy to edit
-    tokenizer.add_special_tokens(
-        {
-            "additional_special_tokens": [
-                "<｜User｜>",
-                "<｜Assistant｜>",
-                "<｜end▁of▁sentence｜>",
-                "<｜begin▁of▁sentence｜>",
-            ]
-        }
-    )
-    tokenizer.bos_token, tokenizer.eos_token = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-    tokenizer.chat_template = DEEPSEEK_R1
-    messages = [SYSTEM, *CASES["reasoning"]]
-    messages = [
-        {**m, "content": f"<think>\n{m.pop('reasoning_content')}\n</think>\n\n{m['content']}"}
-        if m["role"] == "assistant"
-        else m
-        for m in (dict(m) for m in messages)
-    ]
-    assert "<｜Assistant｜><think>\n" not in tokenizer.apply_chat_template(messages, tokenize=False)
-    for rows in (
-        [{"messages": messages}],
-        [{"prompt": messages[:-1], "completion": messages[-1:]}],
-    ):
-        row = prepare(tokenizer, rows, assistant_only_loss=True)[0]
-        assert row["input_ids"] == reference_ids(tokenizer, messages)
-        runs = trained_text(tokenizer, row["input_ids"], row["loss_mask"])
-        expected = [f"{m['content'].split('</think>')[-1]}<｜end▁of▁sentence｜>" for m in messages[2::2]]
-        assert runs == (expected if "messages" in rows[0] else expected[-1:])
+@pytest.mark.parametrize("name", ["qwen3", "smollm3", "qwen3_5"])
+def test_template_kwargs_reach_every_rendering(real, name):
+    tokenizer = real(name)
+    messages = CASES["three_turns"]
+    kwargs = {"enable_thinking": False}
+    rows = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True, chat_template_kwargs=kwargs)
+    check_rows(name, tokenizer, messages, rows, template_kwargs=kwargs)
 
 
-DEEPSEEK_R1 = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}"
-    "{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}"
-    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
-    "{{'<｜User｜>' + message['content']}}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
-    "{% set content = message['content'] %}{% if '</think>' in content %}"
-    "{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor -%}"
-    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
-)
-
-
-def test_generation_markers_are_honoured_and_agree_with_located_spans(real):
+def test_generation_markers_agree_with_the_inference_definition(real):
     tokenizer = real("qwen2_5")
     marked = (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -342,21 +424,18 @@ def test_generation_markers_are_honoured_and_agree_with_located_spans(real):
         "{% endgeneration %}{{ '\\n' }}{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    messages = CASES["leading_newlines_and_spaces"]
+    messages = [m for m in CASES["three_turns"]]
     tokenizer.chat_template = marked
     try:
         own = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        row = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True)[0]
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        tokenizer.chat_template = marked.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-        located = chat_spans.assistant_spans(tokenizer, messages, full)
+        rows = prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True)
+        check_rows("qwen2_5", tokenizer, messages, rows)
     finally:
         tokenizer.chat_template = real_tokenizers.template_text("qwen2_5")
-    assert row["input_ids"] == list(own["input_ids"])
-    assert row["loss_mask"] == list(own["assistant_masks"])
-    assert row["loss_mask"] == expected_mask(tokenizer, full, located)
+    assert [r["input_ids"] for r in rows] == [list(own["input_ids"])]
+    assert rows[0]["loss_mask"] == list(own["assistant_masks"])
 
 
 def test_an_unlocatable_turn_is_refused_with_row_turn_and_a_fix_that_works(real):
@@ -370,7 +449,7 @@ def test_an_unlocatable_turn_is_refused_with_row_turn_and_a_fix_that_works(real)
         rows = [{"messages": messages}, {"messages": messages}]
         with pytest.raises(DatasetFormatError) as error:
             prepare(tokenizer, rows, assistant_only_loss=True)
-        assert "Row 0" in str(error.value) and "message 1 (assistant)" in str(error.value)
+        assert "Row 0" in str(error.value) and "message 1 (assistant)" in str(error.value), str(error.value)
         assert "assistant_only_loss=False" in str(error.value)
         fixed = prepare(tokenizer, rows, assistant_only_loss=False)[0]
         assert fixed["input_ids"] == reference_ids(tokenizer, messages)
@@ -411,21 +490,22 @@ def test_plain_prompt_whose_tokens_are_not_a_prefix_keeps_them_and_starts_the_co
 
 
 @pytest.mark.parametrize("name", ["mistral_v03", "qwen3", "gptoss"])
-def test_preview_shows_the_exact_tokens_and_the_trained_ones(real, tmp_path, capsys, name):
+def test_preview_shows_each_turns_context_trained_tokens_and_rendering(real, tmp_path, capsys, name):
     from sftune.data.preview import preview_rows
 
     tokenizer = real(name)
     model_dir = tmp_path / "tok"
     tokenizer.save_pretrained(model_dir)
-    messages = CASES["three_turns_system"]
+    messages = CASES["reasoning"]
     (tmp_path / "data.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     (tmp_path / "recipe.yaml").write_text("assistant_only_loss: true\nmax_length: 4096\n")
     shown = preview_rows(str(model_dir), str(tmp_path / "data.jsonl"), 1, str(tmp_path / "recipe.yaml"), "never")
     out = capsys.readouterr().out
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert shown[0]["input_ids"] == reference_ids(tokenizer, messages)
-    spans = expected_spans(name, messages, full)
-    shown_text = out.split("\n", 1)[1].rsplit("\n(", 1)[0]  # between the row's header line and the legend
-    assert shown_text.replace("[[", "").replace("]]", "") == tokenizer.decode(shown[0]["input_ids"])
-    trained = [piece.split("]]")[0].strip() for piece in shown_text.split("[[")[1:]]
-    assert trained == [full[start:end].strip() for start, end in spans]
+    check_rows(name, tokenizer, messages, shown)
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            assert f"message {turn} (assistant)" in out
+    exact = whole_is_exact(name, tokenizer, messages)
+    assert ("rendered as at inference, because" in out) != exact
+    for row in shown:  # the shown text is exactly the tokens, with the trained runs marked
+        assert tokenizer.decode(row["input_ids"]) in out.replace("[[", "").replace("]]", "")
