@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..compat import dtype_kwargs, model_init_dtype_key
 from ..config import normalize_model_init_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def smollm2_path(install: bool = True) -> Path:
     gguf = _find_smollm2_gguf(install)
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **dtype_kwargs(torch.float32))
     model = plain_copy_of_gguf_model(gguf_model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
@@ -74,7 +75,7 @@ def plain_copy_of_gguf_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(gguf_model.config).from_dict(config_dict)
-    model = type(gguf_model)._from_config(config, dtype=gguf_model.dtype)
+    model = type(gguf_model)._from_config(config, **dtype_kwargs(gguf_model.dtype))
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config = gguf_model.generation_config
     model.config._name_or_path = gguf_model.config._name_or_path
@@ -151,7 +152,7 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
     check_hardware_requirements(kwargs)
     seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    model = auto_class.from_pretrained(name_or_path, **model_init_dtype_key(kwargs))
     model = plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
     check_finite_weights(model, str(name_or_path))
     return model
@@ -233,7 +234,9 @@ def resolve_processing_class(
         if model_id is None:
             raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
         return load_tokenizer(model_id, **location_kwargs(model_init_kwargs))
-    return ensure_pad_token(processing_class)
+    from ..compat import accept_positional_processor_call
+
+    return ensure_pad_token(accept_positional_processor_call(processing_class))
 
 
 MODEL_TAGS = ("sft", "sftune")

@@ -258,14 +258,9 @@ def _remove_if_empty(folder: str) -> None:
 
 
 def _rotate(trainer: Any, run_dir: str) -> None:
-    from transformers.trainer_utils import rotate_checkpoints
+    from ..compat import rotate_checkpoints
 
-    rotate_checkpoints(
-        output_dir=run_dir,
-        save_total_limit=trainer.args.save_total_limit,
-        best_model_checkpoint=trainer.state.best_model_checkpoint,
-        use_mtime=False,
-    )
+    rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, trainer_config
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, train_without_evaluation_data, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
@@ -94,6 +94,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         **legacy_kwargs: Any,
     ) -> None:
         args = _as_sft_config(args, model, legacy_kwargs)
+        train_without_evaluation_data(args, eval_dataset, "SFTTrainer")
         if model is None and model_init is None:
             raise ValueError("SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path.")
         model, model_id = resolve_model(model, args.model_init_kwargs)
