@@ -229,13 +229,23 @@ class AtomicCheckpoints:
 
     def _point_best_checkpoint_at(self, run_dir: str, staged: str) -> None:
         # transformers looked for the best checkpoint in the staging folder; point it at the final place.
-        best_step = self.state.best_global_step
+        best_step = best_global_step(self.state)
         if not best_step:
             return
         best = os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{best_step}")
         if best_step == self.state.global_step or os.path.isdir(best):
             self.state.best_model_checkpoint = best
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
+
+
+def best_global_step(state: Any) -> int | None:
+    """The best checkpoint's step: `state.best_global_step` (transformers >= 4.50), else read from the folder name
+    of `best_model_checkpoint`."""
+    step = getattr(state, "best_global_step", None)
+    if step is None and state.best_model_checkpoint:
+        suffix = os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1]
+        step = int(suffix) if suffix.isdigit() else None
+    return step
 
 
 def publish(staged: str, final: str) -> None:

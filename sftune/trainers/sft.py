@@ -262,7 +262,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             logs["skipped_nonfinite_steps"] = self._nonfinite_guard.skipped_steps
         if mode == "train" and "loss" in logs:
             logs.update(self._throughput.measure(self._num_tokens["train"]))
-        super().log(logs, start_time)
+        super().log(logs, *(() if start_time is None else (start_time,)))  # transformers < 4.47: log(logs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
