@@ -287,3 +287,15 @@ def position_ids_isolate_documents() -> bool:
     except ImportError:
         return False
     return True
+
+
+def numpy_safe_globals() -> Any:
+    """A context in which `torch.load(weights_only=True)` (torch >= 2.6's default) reads the numpy RNG state that
+    `Trainer` saves in `rng_state.pth`. transformers >= 4.50 allowlists it itself; 4.4x calls plain `torch.load`,
+    so resuming any checkpoint fails there without this."""
+    import numpy as np
+    import torch
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return torch.serialization.safe_globals(allowed)

@@ -188,7 +188,14 @@ class AtomicCheckpoints:
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _load_rng_state(self, checkpoint: Any) -> None:
+        from ..compat import numpy_safe_globals
+
+        with numpy_safe_globals():  # transformers 4.4x loads the numpy RNG state with torch's weights_only default
+            super()._load_rng_state(checkpoint)
+
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        # *args/**kwargs: transformers 4.x passes `metrics` too.
         run_dir = super()._get_output_dir(trial)
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         staging_root = os.path.join(run_dir, STAGING_DIR)
@@ -200,7 +207,7 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         self._staging_run_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial, *args, **kwargs)
             if main:
                 extra = getattr(self, "_checkpoint_extra_state", None)
                 if extra is not None:

@@ -298,9 +298,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     def _checkpoint_extra_state(self) -> dict[str, Any]:
         return {"num_tokens": self._num_tokens_at_save}
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:  # 4.x adds metrics
         self._num_tokens_at_save = self.num_tokens_trained()  # a collective: every rank computes it
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
