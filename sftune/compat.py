@@ -299,3 +299,16 @@ def numpy_safe_globals() -> Any:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     return torch.serialization.safe_globals(allowed)
+
+
+def bits_and_bytes_config(**kwargs: Any) -> Any:
+    """`BitsAndBytesConfig(**kwargs)`. transformers 5 builds it anywhere; 4.x reads the installed bitsandbytes version
+    while building it, so without bitsandbytes it fails there: say what to install instead of a metadata error."""
+    from importlib.metadata import PackageNotFoundError
+
+    from transformers import BitsAndBytesConfig
+
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except PackageNotFoundError as err:
+        raise RuntimeError("8-bit/4-bit loading needs bitsandbytes: `pip install 'sftune[bnb]'`.") from err

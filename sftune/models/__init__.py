@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..compat import dtype_kwargs, model_init_dtype_key
+from ..compat import bits_and_bytes_config, dtype_kwargs, model_init_dtype_key
 from ..config import normalize_model_init_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,9 @@ def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any
     """Load a causal or seq2seq LM by name or path, with `from_pretrained` keyword arguments."""
     kwargs = normalize_model_init_kwargs(model_init_kwargs)
     # Legacy from_pretrained flags become a quantization config, as transformers now wants.
+    check_hardware_requirements(kwargs)
     if kwargs.get("load_in_8bit") or kwargs.get("load_in_4bit"):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = bits_and_bytes_config(
             load_in_8bit=bool(kwargs.pop("load_in_8bit", False)),
             load_in_4bit=bool(kwargs.pop("load_in_4bit", False)),
         )
@@ -348,18 +347,16 @@ def get_quantization_config(model_config: ModelConfig) -> Any:
     """A `BitsAndBytesConfig` for 4/8-bit loading, or None."""
     if not (model_config.load_in_4bit or model_config.load_in_8bit):
         return None
-    from transformers import BitsAndBytesConfig
-
     if model_config.load_in_4bit:
         compute_dtype = resolve_dtype(model_config.torch_dtype)
-        return BitsAndBytesConfig(
+        return bits_and_bytes_config(
             load_in_4bit=True,
             bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
             bnb_4bit_quant_type=model_config.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=model_config.use_bnb_nested_quant,
             bnb_4bit_quant_storage=compute_dtype if isinstance(compute_dtype, torch.dtype) else None,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return bits_and_bytes_config(load_in_8bit=True)
 
 
 def get_kbit_device_map() -> dict[str, int] | None:
