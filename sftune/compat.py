@@ -17,6 +17,7 @@ What it covers:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -312,3 +313,23 @@ def bits_and_bytes_config(**kwargs: Any) -> Any:
         return BitsAndBytesConfig(**kwargs)
     except PackageNotFoundError as err:
         raise RuntimeError("8-bit/4-bit loading needs bitsandbytes: `pip install 'sftune[bnb]'`.") from err
+
+
+_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+_written_by_transformers: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def mixed_precision_env_of_this_config() -> Any:
+    """Around `TrainingArguments.__post_init__`: transformers 4.x writes ACCELERATE_MIXED_PRECISION for a bf16/fp16
+    config and never clears it, so a later float32 config in the same process (a notebook, a test suite) trains in
+    bf16. A value that transformers wrote for an earlier config is removed first; one set by the user or a launcher
+    is left alone."""
+    current = os.environ.get(_MIXED_PRECISION_ENV)
+    if not TRANSFORMERS_5 and current is not None and _written_by_transformers.get(_MIXED_PRECISION_ENV) == current:
+        del os.environ[_MIXED_PRECISION_ENV]
+        current = None
+    yield
+    after = os.environ.get(_MIXED_PRECISION_ENV)
+    if after is not None and after != current:
+        _written_by_transformers[_MIXED_PRECISION_ENV] = after

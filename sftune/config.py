@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .compat import apply_legacy_arguments, legacy_training_arguments_base
+from .compat import apply_legacy_arguments, legacy_training_arguments_base, mixed_precision_env_of_this_config
 
 # TrainingArguments, plus the transformers 4.x names that 5.x removed (mapped in `__post_init__`, see compat).
 TrainingArgumentsWithLegacyNames = legacy_training_arguments_base()
@@ -194,7 +194,8 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         apply_machine_defaults(self)
-        super().__post_init__()
+        with mixed_precision_env_of_this_config():
+            super().__post_init__()
 
     @property
     def dataset_options(self) -> dict[str, Any]:
@@ -445,4 +446,5 @@ class IterativeSFTConfig(TrainingArgumentsWithLegacyNames):
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
         apply_machine_defaults(self)
-        super().__post_init__()
+        with mixed_precision_env_of_this_config():
+            super().__post_init__()

@@ -176,6 +176,11 @@ def test_batch_without_labelled_tokens_gives_zero_loss_and_zero_gradients():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.skipif(
+    transformers.__version__ < "4.48",
+    reason="transformers < 4.48 divides accumulated gradients by gradient_accumulation_steps a second time, which "
+    "brings them near Adam's eps, where float32 rounding between the two loss paths shows (2e-5)",
+)
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_trainer_steps_are_identical_with_chunked_and_full_logits(tiny_llama_path, tmp_path, gradient_checkpointing):
     rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in ["red", "blue", "green", "teal"] * 2]
