@@ -333,3 +333,26 @@ def mixed_precision_env_of_this_config() -> Any:
     after = os.environ.get(_MIXED_PRECISION_ENV)
     if after is not None and after != current:
         _written_by_transformers[_MIXED_PRECISION_ENV] = after
+
+
+def render_with_generation_spans(
+    chat_template: str, messages: list[dict], tools: list | None, **template_kwargs: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """One conversation rendered by `chat_template`, with the character spans of its `{% generation %}` blocks, as
+    `apply_chat_template(return_assistant_tokens_mask=True)` finds them (transformers' renderer: the public
+    `render_jinja_template` from 4.5x, the private pair before)."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _render_with_assistant_indices
+
+        compiled = _compile_jinja_template(chat_template)
+        return _render_with_assistant_indices(compiled, messages, tools, None, False, **template_kwargs)
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        tools=tools,
+        chat_template=chat_template,
+        return_assistant_tokens_mask=True,
+        **template_kwargs,
+    )
+    return rendered[0], indices[0]

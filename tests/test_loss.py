@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from datasets import Dataset
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftune import DataCollatorForCompletionOnlyLM, SFTConfig, SFTTrainer
-from sftune.compat import dtype_kwargs
+from sftune.compat import TRANSFORMERS_VERSION, dtype_kwargs
 from sftune.loss import HEAD_SCALES, IGNORE_INDEX, chunked_cross_entropy, enable_chunked_loss, supports_chunked_loss
 
 
@@ -177,7 +178,7 @@ def test_batch_without_labelled_tokens_gives_zero_loss_and_zero_gradients():
 
 
 @pytest.mark.skipif(
-    transformers.__version__ < "4.48",
+    TRANSFORMERS_VERSION < Version("4.48"),
     reason="transformers < 4.48 divides accumulated gradients by gradient_accumulation_steps a second time, which "
     "brings them near Adam's eps, where float32 rounding between the two loss paths shows (2e-5)",
 )

@@ -235,18 +235,14 @@ def diff_region(tokenizer: Any, messages: list[dict], full: str, tools: list | N
 
 def generation_marker_spans(tokenizer: Any, messages: list[dict], full: str, tools: list | None) -> list[Span]:
     """The template's own `{% generation %}` blocks, as transformers finds them (character spans)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from ..compat import render_with_generation_spans
 
-    rendered, indices = render_jinja_template(
-        conversations=[messages],
-        tools=tools,
-        chat_template=tokenizer.chat_template,
-        return_assistant_tokens_mask=True,
-        **tokenizer.special_tokens_map,
+    rendered, indices = render_with_generation_spans(
+        tokenizer.chat_template, messages, tools, **tokenizer.special_tokens_map
     )
-    if rendered[0] != full:
+    if rendered != full:
         raise SpanError(0, "the template's {% generation %} rendering differs from its plain rendering")
-    return [(start, end) for start, end in indices[0] if end > start]
+    return [(start, end) for start, end in indices if end > start]
 
 
 # --------------------------------------------------------------------------------------------------------------
