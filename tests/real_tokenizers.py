@@ -129,6 +129,10 @@ def build_tiktoken(vocab: str):
             if name in inspect.signature(TikTokenConverter.__init__).parameters
         )
         backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=pattern, **{specials_kwarg: []}).converted()
+    if backend.decoder is None:  # transformers 4.x's converter leaves the byte-level decoder out
+        from tokenizers import decoders
+
+        backend.decoder = decoders.ByteLevel()
     # Special tokens at their real ids: fill any gap below the first one so that added ids line up.
     next_id = backend.get_vocab_size(with_added_tokens=True)
     names, kept = [], []
@@ -201,7 +205,7 @@ def build_sentencepiece(vocab: str):
         from transformers import LlamaTokenizerFast
 
         tokenizer = LlamaTokenizerFast(
-            vocab_file=str(site_data("mistral_common") / file), add_bos_token=False, legacy=False, from_slow=True
+            vocab_file=str(site_data("mistral_common") / file), add_bos_token=False, legacy=False, add_prefix_space=True
         )
         pieces = read_sentencepiece(site_data("mistral_common") / file)
         controls = [piece for piece, _, kind in pieces if kind == 3 and piece not in ("<s>", "</s>")]

@@ -13,6 +13,7 @@ import json
 import pytest
 from datasets import Dataset
 
+from sftune.compat import TRANSFORMERS_5
 from sftune.data import chat_spans, formats
 from sftune.data.formats import DatasetFormatError
 from sftune.data.tokenize import SOURCE_ROW, TokenizeOptions, make_tokenize_function, prepare_dataset
@@ -277,9 +278,16 @@ def test_turns_as_examples_train_every_turns_reasoning(real, name):
         assert row["input_ids"] == reference_ids(tokenizer, history)
         assert row["loss_mask"] == expected_mask(tokenizer, full, expected_spans(name, history, full, turns={i}))
         (run,) = trained_text(tokenizer, row["input_ids"], row["loss_mask"])
+        if name == "gptoss" and not TRANSFORMERS_5 and messages[i]["reasoning_content"] not in full:
+            continue  # transformers 4.x renders this history without the turn's reasoning: nothing of it to train
         assert messages[i]["reasoning_content"] in run and messages[i]["content"] in run
 
 
+@pytest.mark.skipif(
+    not TRANSFORMERS_5,
+    reason="transformers 4.x builds this test's DeepSeek tokenizer with a decoder that does not "
+    "undo byte-level pieces ('ĊĊ'), so decoded text cannot be compared; its tokens are checked in the other tests",
+)
 def test_deepseek_r1_generation_prompt_is_not_in_the_tokens(real):
     real("smollm2")  # builds the cached vocabulary
     """DeepSeek-R1 (template: deepseek-ai/DeepSeek-R1-Distill-Qwen tokenizer_config, tool parts left out) strips
