@@ -45,6 +45,15 @@ def normalize_model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]
     return kwargs
 
 
+def average_tokens_field() -> Any:
+    """`average_tokens_across_devices`, on by default as in transformers 5 (4.x defaulted to off): the loss and its
+    gradient are the mean over every token of the global batch, so N processes train exactly as one."""
+    return field(
+        default=True,
+        metadata={"help": "Average the loss over the tokens of all devices (N processes train as one)."},
+    )
+
+
 def bf16_field() -> Any:
     """The bf16 field of both configs (a fresh Field each: dataclasses write into it)."""
     return field(
@@ -76,6 +85,7 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         metadata={"help": "Column holding the text, for plain-text datasets."},
     )
     bf16: bool | None = bf16_field()
+    average_tokens_across_devices: bool = average_tokens_field()
     packing: bool = field(
         default=False,
         metadata={"help": "Pack several examples into each row of the batch."},
@@ -411,6 +421,7 @@ class IterativeSFTConfig(TrainingArgumentsWithLegacyNames):
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
     bf16: bool | None = bf16_field()
+    average_tokens_across_devices: bool = average_tokens_field()
     truncation_mode: str = field(
         default="keep_end",
         metadata={"help": "'keep_end': drop tokens from the start; 'keep_start': drop tokens from the end."},
