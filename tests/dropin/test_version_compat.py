@@ -99,12 +99,16 @@ def test_old_names_in_a_yaml_recipe_and_on_the_command_line(tmp_path):
     from sftune.cli import parse_sft_args
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"output_dir: {tmp_path}\nwarmup_ratio: 0.2\noverwrite_output_dir: true\nreport_to: none\n")
+    recipe.write_text(
+        f"output_dir: {tmp_path}\nwarmup_ratio: 0.2\noverwrite_output_dir: true\nreport_to: none\n"
+        "env:\n  SFTUNE_RECIPE_VAR: set-by-recipe\n"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         _, args, _ = parse_sft_args(["--config", str(recipe), "--evaluation_strategy", "steps"])
     assert args.get_warmup_steps(100) == 20
     assert str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
+    assert os.environ.pop("SFTUNE_RECIPE_VAR") == "set-by-recipe"  # TRL recipes' env: section
 
 
 # --------------------------------------------------------------------------------------------------------------
