@@ -316,23 +316,24 @@ def bits_and_bytes_config(**kwargs: Any) -> Any:
 
 
 _MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
-_written_by_transformers: dict[str, str] = {}
+# Records (in the environment, so that worker processes spawned later know it too) the value transformers wrote.
+_WRITTEN_MARK = "SFTUNE_MIXED_PRECISION_WRITTEN_BY_TRANSFORMERS"
 
 
 @contextlib.contextmanager
 def mixed_precision_env_of_this_config() -> Any:
     """Around `TrainingArguments.__post_init__`: transformers 4.x writes ACCELERATE_MIXED_PRECISION for a bf16/fp16
-    config and never clears it, so a later float32 config in the same process (a notebook, a test suite) trains in
-    bf16. A value that transformers wrote for an earlier config is removed first; one set by the user or a launcher
-    is left alone."""
+    config and never clears it, so a later float32 config in the same process (a notebook, a test suite), or in a
+    process it spawns, trains in bf16. A value that transformers wrote for an earlier config is removed first; one
+    set by the user or a launcher (`accelerate launch`) is left alone."""
     current = os.environ.get(_MIXED_PRECISION_ENV)
-    if not TRANSFORMERS_5 and current is not None and _written_by_transformers.get(_MIXED_PRECISION_ENV) == current:
+    if not TRANSFORMERS_5 and current is not None and os.environ.get(_WRITTEN_MARK) == current:
         del os.environ[_MIXED_PRECISION_ENV]
         current = None
     yield
     after = os.environ.get(_MIXED_PRECISION_ENV)
     if after is not None and after != current:
-        _written_by_transformers[_MIXED_PRECISION_ENV] = after
+        os.environ[_WRITTEN_MARK] = after
 
 
 def render_with_generation_spans(

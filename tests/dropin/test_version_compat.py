@@ -309,3 +309,24 @@ def test_processor_called_with_text_first_positionally(tiny_chatml_tokenizer_pat
     for key in expected:
         assert torch.equal(got[key], expected[key])
     assert torch.equal(processor(images=images, text=texts, return_tensors="pt")["input_ids"], expected["input_ids"])
+
+
+@pytest.mark.skipif(
+    not __import__("sftune").config.cpu_supports_bf16() or torch.cuda.is_available(),
+    reason="needs a CPU-only machine whose CPU has bf16 support (x86 AVX-512 or AMX, Arm BF16)",
+)
+def test_a_float32_config_after_a_bf16_one_trains_in_float32_here_and_in_spawned_workers(tmp_path):
+    """transformers 4.x leaves ACCELERATE_MIXED_PRECISION=bf16 behind after a bf16 config; a later float32 config,
+    in this process or in a worker it spawns (DDP tests, torch.multiprocessing), must not train in bf16."""
+    SFTConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    code = (
+        "import os; from sftune import SFTConfig; "
+        f"SFTConfig(output_dir={str(tmp_path)!r}, bf16=False, report_to='none'); "
+        "print(os.environ.get('ACCELERATE_MIXED_PRECISION', 'no'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split()[-1] == "no"
+    SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no"
