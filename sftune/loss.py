@@ -267,13 +267,15 @@ def model_own_loss(state: ChunkedLoss | None) -> Iterator[None]:
 
 def _forward_with_chunked_loss(original: Callable) -> Callable:
     signature = inspect.signature(original)
+    # `**kwargs` in transformers 5, `**loss_kwargs` in 4.x: whatever its name, it is the extra keyword arguments.
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     @functools.wraps(original)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         state: ChunkedLoss = self._sftune_chunked_loss
         own = functools.partial(original, self)
         arguments = signature.bind_partial(self, *args, **kwargs).arguments
-        extra = dict(arguments.pop("kwargs", {}))
+        extra = dict(arguments.pop(var_keyword, None) or {}) if var_keyword else {}
         arguments.pop("self")
         labels = arguments.get("labels")
         if labels is None or state.suspended or not _plain_training_call(arguments, extra):
@@ -285,7 +287,7 @@ def _forward_with_chunked_loss(original: Callable) -> Callable:
             if not state.active:
                 return _own_loss(own, arguments, extra)
         num_items_in_batch = extra.pop("num_items_in_batch", None)
-        outputs = self.base_model(**_body_inputs(arguments), **extra)
+        outputs = self.base_model(**_body_inputs(arguments), **_body_extra(self.base_model, extra))
         loss, count, correct = chunked_cross_entropy(
             outputs.last_hidden_state,
             self.get_output_embeddings(),
@@ -308,13 +310,26 @@ def _plain_training_call(arguments: dict[str, Any], extra: dict[str, Any]) -> bo
     return (
         arguments.get("past_key_values") is None
         and not arguments.get("logits_to_keep")
+        and not arguments.get("num_logits_to_keep")  # its transformers 4.x name
         and extra.get("return_dict", True) is not False
     )
 
 
 def _body_inputs(arguments: dict[str, Any]) -> dict[str, Any]:
-    body = {k: v for k, v in arguments.items() if k not in ("labels", "logits_to_keep", "use_cache")}
+    body = {
+        k: v for k, v in arguments.items() if k not in ("labels", "logits_to_keep", "num_logits_to_keep", "use_cache")
+    }
     return {**body, "use_cache": False}
+
+
+def _body_extra(body: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The extra keyword arguments the model body takes. transformers 5's bodies take any (`**kwargs`); 4.x's
+    take only their named ones, the causal LM keeping the rest (`token_type_ids` from a tokenizer, ...) for its
+    loss, as here."""
+    parameters = inspect.signature(body.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return extra
+    return {k: v for k, v in extra.items() if k in parameters}
 
 
 def _own_loss(own: Callable, arguments: dict[str, Any], extra: dict[str, Any]) -> Any:
@@ -357,7 +372,7 @@ def _check_once(model: Any, state: ChunkedLoss, own: Callable, arguments: dict[s
     try:
         with torch.no_grad():
             reference = own(**small, **small_extra).loss.float()
-            outputs = model.base_model(**_body_inputs(small), **small_extra)
+            outputs = model.base_model(**_body_inputs(small), **_body_extra(model.base_model, small_extra))
             chunked, _, _ = chunked_cross_entropy(
                 outputs.last_hidden_state, model.get_output_embeddings(), small["labels"], None, state.chunk_size,
                 state.scale,

@@ -144,6 +144,7 @@ def read_quicktok(path: Path, with_ids: bool) -> list[tuple[bytes, int]]:
 
 
 def build_tiktoken(vocab: str):
+    import inspect
     import tempfile
 
     from quicktok import _import_core as core
@@ -163,7 +164,17 @@ def build_tiktoken(vocab: str):
     with tempfile.TemporaryDirectory() as tmp:
         ranks_file = Path(tmp) / "ranks.tiktoken"
         ranks_file.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks))
-        backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=pattern).converted()
+        # No special tokens here (added below at their ids); transformers 4.x needs the (then named) list given.
+        specials_kwarg = next(
+            name
+            for name in ("extra_special_tokens", "additional_special_tokens")
+            if name in inspect.signature(TikTokenConverter.__init__).parameters
+        )
+        backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=pattern, **{specials_kwarg: []}).converted()
+    if backend.decoder is None:  # transformers 4.x's converter leaves the byte-level decoder out
+        from tokenizers import decoders
+
+        backend.decoder = decoders.ByteLevel()
     # Special tokens at their real ids: fill any gap below the first one so that added ids line up.
     next_id = backend.get_vocab_size(with_added_tokens=True)
     names, kept = [], []
@@ -250,9 +261,22 @@ def read_sentencepiece(path: Path) -> list[tuple[str, float, int]]:
 
 def build_sentencepiece(vocab: str):
     """A Llama-style SentencePiece BPE (byte fallback, Metaspace), as transformers' LlamaTokenizer builds it."""
+    import inspect
+
     from transformers import LlamaTokenizer
 
     file = {"mistral_v1": "tokenizer.model.v1", "mistral_v3": "mistral_instruct_tokenizer_240323.model.v3"}[vocab]
+    if "vocab_file" in inspect.signature(LlamaTokenizer.__init__).parameters:
+        # transformers 4.x: its fast Llama tokenizer converts the SentencePiece model itself (needs sentencepiece)
+        from transformers import LlamaTokenizerFast
+
+        tokenizer = LlamaTokenizerFast(
+            vocab_file=str(site_data("mistral_common") / file), add_bos_token=False, legacy=False, add_prefix_space=True
+        )
+        pieces = read_sentencepiece(site_data("mistral_common") / file)
+        controls = [piece for piece, _, kind in pieces if kind == 3 and piece not in ("<s>", "</s>")]
+        tokenizer.add_special_tokens({"additional_special_tokens": controls})
+        return tokenizer
     pieces = read_sentencepiece(site_data("mistral_common") / file)
     ids = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     merges = []

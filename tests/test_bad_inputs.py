@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 from datasets import Dataset
 
@@ -68,7 +69,7 @@ CLI_CASES = {
     "zero epochs": ({}, ["--num_train_epochs", "0"], "num_train_epochs must be > 0"),
     "zero max_steps": ({}, ["--max_steps", "0"], "max_steps must be a positive number of steps"),
     "zero logging steps": ({}, ["--logging_steps", "0"], "logging_steps must be > 0"),
-    "zero save steps": ({}, ["--save_steps", "0"], "save_steps must be > 0"),
+    "negative save steps": ({}, ["--save_steps", "-1"], "save_steps must be >= 0"),
     "beta out of range": ({}, ["--adam_beta2", "1.5"], "adam_beta2 must be >= 0 and <= 1"),
     "negative seed": ({}, ["--seed", "-3"], "seed must be >= 0"),
     "bad truncation mode": ({}, ["--truncation_mode", "middle"], "truncation_mode must be 'keep_start' or 'keep_end'"),
@@ -110,6 +111,8 @@ def cli_argv(case_argv: list[str], tmp_path: Path, model: Path, data: str) -> li
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_bad_input_gives_one_clear_message_and_exit_code_2(case, tiny_llama_path, tmp_path, good_data, capsys):
     files, argv, expected = CLI_CASES[case]
+    if case == "json types change between rows" and int(datasets.__version__.split(".")[0]) < 4:
+        expected = "changed from string to object in row 3"  # datasets 3's JSON reader says it first, as clearly
     for name, content in files.items():
         write(tmp_path / name, content)
     with pytest.raises(SystemExit) as exited:

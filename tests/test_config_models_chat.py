@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from sftune import (
     get_quantization_config,
     setup_chat_format,
 )
+from sftune.compat import TRANSFORMERS_5
 from sftune.config import normalize_model_init_kwargs
 from sftune.models import load_model
 
@@ -99,6 +101,11 @@ def test_model_config_from_command_line_and_helpers():
     assert peft_config.lora_alpha == 32 and peft_config.task_type == "CAUSAL_LM"
     assert get_peft_config(ModelConfig()) is None
     assert get_quantization_config(ModelConfig()) is None
+    if not TRANSFORMERS_5 and importlib.util.find_spec("bitsandbytes") is None:
+        # transformers 4.x cannot build the config without bitsandbytes: a clear message says what to install
+        with pytest.raises(RuntimeError, match="needs bitsandbytes"):
+            get_quantization_config(ModelConfig(load_in_4bit=True))
+        return
     quant = get_quantization_config(ModelConfig(load_in_4bit=True, torch_dtype="bfloat16"))
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_compute_dtype == torch.bfloat16
     assert get_quantization_config(ModelConfig(load_in_8bit=True)).load_in_8bit

@@ -7,10 +7,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from datasets import Dataset
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftune import DataCollatorForCompletionOnlyLM, SFTConfig, SFTTrainer
+from sftune.compat import TRANSFORMERS_VERSION, dtype_kwargs
 from sftune.loss import HEAD_SCALES, IGNORE_INDEX, chunked_cross_entropy, enable_chunked_loss, supports_chunked_loss
 
 
@@ -76,8 +79,12 @@ def tiny_model(model_type: str, **overrides):
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     values.update(overrides)
     torch.manual_seed(0)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type} architecture")
     config = AutoConfig.for_model(model_type, **values)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     with torch.no_grad():  # confident logits (random init gives near-uniform ones), so a wrong head scale shows
         model.get_output_embeddings().weight.mul_(20)
     return model
@@ -170,6 +177,11 @@ def test_batch_without_labelled_tokens_gives_zero_loss_and_zero_gradients():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.skipif(
+    TRANSFORMERS_VERSION < Version("4.48"),
+    reason="transformers < 4.48 divides accumulated gradients by gradient_accumulation_steps a second time, which "
+    "brings them near Adam's eps, where float32 rounding between the two loss paths shows (2e-5)",
+)
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_trainer_steps_are_identical_with_chunked_and_full_logits(tiny_llama_path, tmp_path, gradient_checkpointing):
     rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in ["red", "blue", "green", "teal"] * 2]

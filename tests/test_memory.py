@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from sftune.compat import dtype_kwargs
 from sftune.memory import RMSNorm, SwiGLU, use_memory_efficient_mlp
 
 
@@ -21,7 +22,7 @@ def test_patched_model_has_identical_loss_and_gradients(tiny_llama_path):
     ids = torch.randint(5, 500, (2, 12))
     results = []
     for patch in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, **dtype_kwargs(torch.float32))
         if patch:
             # Per layer: the MLP and two norms; plus the final norm.
             assert use_memory_efficient_mlp(model) == 3 * model.config.num_hidden_layers + 1
@@ -36,7 +37,7 @@ def test_patched_model_has_identical_loss_and_gradients(tiny_llama_path):
 
 def test_saved_activations_shrink(tiny_llama_path):
     def saved_bytes(patch: bool) -> int:
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, **dtype_kwargs(torch.float32))
         if patch:
             use_memory_efficient_mlp(model)
         total = 0

@@ -15,7 +15,8 @@ from sftune import IterativeSFTConfig, SFTConfig, SFTTrainer
 ROWS = [{"prompt": f"Say {w}:", "completion": f" {w} {w} {w}"} for w in ["red", "blue", "green", "teal"] * 2]
 
 needs_cpu_bf16 = pytest.mark.skipif(
-    torch.cuda.is_available() or not sftune.config.cpu_supports_bf16(), reason="needs a CPU-only machine with bf16"
+    torch.cuda.is_available() or not sftune.config.cpu_supports_bf16(),
+    reason="needs a CPU-only machine whose CPU has bf16 support (x86 AVX-512 or AMX, Arm BF16)",
 )
 
 
@@ -59,7 +60,7 @@ def test_bf16_trains_in_mixed_precision_with_the_chunked_loss(tiny_llama_path, t
     assert fp32_dtypes == {torch.float32}
     for got, want in zip(losses, fp32_losses, strict=True):
         assert abs(got - want) <= 0.01 * want  # the same training, to bf16 precision
-        assert got != want  # ... but really in bf16
+    assert losses != fp32_losses  # ... but really in bf16 (transformers 4.x logs losses to 4 digits: one may agree)
 
 
 def test_mfu_is_measured_against_the_peak_of_the_precision_training_runs_in():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,33 @@ class DataCollatorForSFT:
         return batch
 
 
+def as_feature(feature: Any) -> Any:
+    """A collator row: a mapping as it is; a bare sequence of token ids (list, tuple, tensor) as its `input_ids`."""
+    if isinstance(feature, Mapping):
+        return feature
+    if isinstance(feature, (list, tuple, torch.Tensor, np.ndarray)):
+        return {"input_ids": feature}
+    raise TypeError(
+        f"A collator row must be a dict with input_ids or a list of token ids, got {type(feature).__name__}."
+    )
+
+
+def padding_free_attention(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a padding-free batch from a collator that does not know the model carries to keep documents apart.
+
+    Where transformers isolates documents from `position_ids` that restart at 0 (its packed-sequence detection in
+    a forward without KV cache, as in training; on every attention backend: flash-attention's varlen kernel, and a block-diagonal mask built for SDPA, eager and
+    flex), the batch carries `position_ids` alone, as TRL's does, and no attention mask: a 4D mask would take
+    flash-attention off its varlen path. Where it does not (transformers 4.x), `position_ids` isolate documents only
+    under flash-attention, so the batch also carries the block-diagonal boolean mask (sftune's trainers convert it
+    for eager attention)."""
+    from ..compat import position_ids_isolate_documents
+
+    if position_ids_isolate_documents():
+        batch.pop("attention_mask", None)
+    return batch
+
+
 def as_lists(feature: dict[str, Any]) -> dict[str, Any]:
     """A row whose sequences are plain lists (rows of torch datasets come as tensors)."""
     keys = ("input_ids", "loss_mask", "labels", "seq_lengths")
@@ -226,8 +253,9 @@ class DataCollatorForCompletionOnlyLM:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = padding_free
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [as_lists(f)["input_ids"] for f in features]
+    def __call__(self, features: list[Any]) -> dict[str, torch.Tensor]:
+        # Rows as dicts, or bare lists of token ids (a `DataCollatorForLanguageModeling` takes both).
+        ids = [as_lists(as_feature(f))["input_ids"] for f in features]
         # Padding is known by position, so any id pads; the tokenizer may get its pad token only later.
         pad_id = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
         targets = []
@@ -241,7 +269,7 @@ class DataCollatorForCompletionOnlyLM:
             batch = collate([{"input_ids": row, "labels": target} for row, target in zip(ids, targets, strict=True)])
             batch.pop("num_tokens")
             batch["labels"] = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, self.ignore_index)
-            return batch
+            return padding_free_attention(batch)
         side = getattr(self.tokenizer, "padding_side", "right")
         input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of, side)
         labels = pad_rows(targets, self.ignore_index, self.pad_to_multiple_of, side)
@@ -314,3 +342,70 @@ def find_all(row: list[int], candidates: list[list[int]]) -> list[tuple[int, int
         else:
             i += 1
     return found
+
+
+class DataCollatorForLanguageModeling:
+    """TRL 0.16-0.18's collator for already tokenized rows (`trl.trainer.sft_trainer.DataCollatorForLanguageModeling`):
+    pads `input_ids` with `pad_token_id` on the right, labels are the input ids (-100 on padding), and with
+    `completion_only_loss` the tokens whose `completion_mask` (or `assistant_masks`) is 0 leave the loss.
+
+    With `padding_free=True` all rows of the batch are concatenated into one, `position_ids` restart at each row (or
+    follow the rows' `seq_lengths` for packed rows) and the first token of each document is not a target; see
+    `padding_free_attention` for what keeps the documents apart on each attention backend.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        completion_only_loss: bool = True,
+        padding_free: bool = False,
+        pad_to_multiple_of: int | None = None,
+        return_position_ids: bool = True,
+        return_tensors: str = "pt",
+    ) -> None:
+        if return_tensors != "pt":
+            raise ValueError(f"DataCollatorForLanguageModeling returns PyTorch tensors only, not {return_tensors!r}.")
+        self.pad_token_id = pad_token_id
+        self.completion_only_loss = completion_only_loss
+        self.padding_free = padding_free
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_position_ids = return_position_ids
+        self.return_tensors = return_tensors
+
+    def __call__(self, examples: list[Any], return_tensors: str | None = None) -> dict[str, torch.Tensor]:
+        return self.torch_call(examples)
+
+    def torch_call(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        rows = [as_feature(example) for example in examples]
+        ids = [_int_list(row["input_ids"]) for row in rows]
+        labels = [list(row_ids) for row_ids in ids]
+        for name, applies in (("completion_mask", self.completion_only_loss), ("assistant_masks", True)):
+            if applies and name in rows[0]:
+                for i, row in enumerate(rows):
+                    mask = _int_list(row[name])
+                    if len(mask) != len(ids[i]):
+                        raise ValueError(f"Batch row {i} has {len(mask)} {name} entries for {len(ids[i])} input_ids.")
+                    labels[i] = [t if m else IGNORE_INDEX for t, m in zip(labels[i], mask, strict=True)]
+        seq_lengths = [_int_list(row.get("seq_lengths") or [len(row_ids)]) for row, row_ids in zip(rows, ids)]
+        if self.padding_free:
+            ids, labels = [[t for row in ids for t in row]], [[t for row in labels for t in row]]
+            seq_lengths = [[n for lengths in seq_lengths for n in lengths]]
+        batch = {
+            "input_ids": pad_rows(ids, self.pad_token_id, self.pad_to_multiple_of),
+            "labels": pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+        }
+        width = batch["input_ids"].shape[1]
+        positions = position_ids_for(seq_lengths, width)
+        if self.padding_free or any(len(lengths) > 1 for lengths in seq_lengths):
+            batch["labels"][positions == 0] = IGNORE_INDEX  # a document's first token is not predicted across rows
+            batch["position_ids"] = positions
+            batch["attention_mask"] = block_causal_mask(seq_lengths, width)
+            return padding_free_attention(batch)
+        batch["attention_mask"] = pad_rows([[1] * len(row) for row in ids], 0, self.pad_to_multiple_of)
+        if self.return_position_ids:
+            batch["position_ids"] = positions
+        return batch
+
+
+def _int_list(values: Any) -> list[int]:
+    return values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..compat import dtype_kwargs
 from .loading import plain_copy_of_gguf_model
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def smollm2_path(install: bool = True) -> Path:
     gguf = _find_smollm2_gguf(install)
     logger.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **dtype_kwargs(torch.float32))
     model = plain_copy_of_gguf_model(gguf_model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))

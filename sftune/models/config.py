@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..compat import bits_and_bytes_config
 from ..config import resolve_dtype
 
 
@@ -83,18 +84,16 @@ def get_quantization_config(model_config: ModelConfig) -> Any:
     """A `BitsAndBytesConfig` for 4/8-bit loading, or None."""
     if not (model_config.load_in_4bit or model_config.load_in_8bit):
         return None
-    from transformers import BitsAndBytesConfig
-
     if model_config.load_in_4bit:
         compute_dtype = resolve_dtype(model_config.torch_dtype)
-        return BitsAndBytesConfig(
+        return bits_and_bytes_config(
             load_in_4bit=True,
             bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
             bnb_4bit_quant_type=model_config.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=model_config.use_bnb_nested_quant,
             bnb_4bit_quant_storage=compute_dtype if isinstance(compute_dtype, torch.dtype) else None,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return bits_and_bytes_config(load_in_8bit=True)
 
 
 def get_kbit_device_map() -> dict[str, int] | None:

@@ -14,12 +14,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
 
+from ..compat import accept_positional_processor_call, bits_and_bytes_config, dtype_kwargs, model_init_dtype_key
 from ..config import normalize_model_init_kwargs
 from ..errors import NonFiniteWeightsError
 
@@ -58,16 +58,16 @@ def is_seq2seq(name_or_path: str, **config_kwargs: Any) -> bool:
 def load_model(name_or_path: str | os.PathLike, model_init_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
     """Load a causal or seq2seq LM by name or path, with `from_pretrained` keyword arguments."""
     kwargs = normalize_model_init_kwargs(model_init_kwargs)
+    check_hardware_requirements(kwargs)  # before building a quantization config, which needs bitsandbytes
     # Legacy from_pretrained flags become a quantization config, as transformers now wants.
     if kwargs.get("load_in_8bit") or kwargs.get("load_in_4bit"):
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = bits_and_bytes_config(
             load_in_8bit=bool(kwargs.pop("load_in_8bit", False)),
             load_in_4bit=bool(kwargs.pop("load_in_4bit", False)),
         )
-    check_hardware_requirements(kwargs)
     seq2seq = is_seq2seq(str(name_or_path), **location_kwargs(kwargs))
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    model = auto_class.from_pretrained(name_or_path, **model_init_dtype_key(kwargs))
     model = plain_copy_of_gguf_model(model) if kwargs.get("gguf_file") else model
     check_finite_weights(model, str(name_or_path))
     return model
@@ -81,7 +81,7 @@ def plain_copy_of_gguf_model(gguf_model: PreTrainedModel) -> PreTrainedModel:
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(gguf_model.config).from_dict(config_dict)
-    model = type(gguf_model)._from_config(config, dtype=gguf_model.dtype)
+    model = type(gguf_model)._from_config(config, **dtype_kwargs(gguf_model.dtype))
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config = gguf_model.generation_config
     model.config._name_or_path = gguf_model.config._name_or_path
@@ -162,7 +162,7 @@ def resolve_processing_class(
         if model_id is None:
             raise ValueError("Cannot tell which tokenizer to load: pass processing_class=tokenizer.")
         return load_tokenizer(model_id, **location_kwargs(model_init_kwargs))
-    return ensure_pad_token(processing_class)
+    return ensure_pad_token(accept_positional_processor_call(processing_class))
 
 
 MODEL_TAGS = ("sft", "sftune")

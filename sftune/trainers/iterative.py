@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerState, TrainingArguments, get_scheduler
 from transformers.trainer_callback import ExportableState
 
-from ..config import IterativeSFTConfig, trainer_config
+from ..config import IterativeSFTConfig, train_without_evaluation_data, trainer_config
 from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model, pad_rows
 from ..data.formats import Segments
@@ -58,6 +58,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         **legacy_kwargs: Any,
     ) -> None:
         args = _as_iterative_config(args, model, legacy_kwargs)
+        train_without_evaluation_data(args, eval_dataset, "IterativeSFTTrainer")
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ValueError("Pass the tokenizer as `processing_class` or `tokenizer`, not both.")
         start_deepspeed_communication(args)  # before a ZeRO-3 model is built
@@ -150,6 +151,16 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         `loss_mask`, and `labels` only where the caller's labels are not the input ids themselves."""
         if (input_ids is None) == (texts is None):
             raise ValueError("step() takes either input_ids (lists of token ids) or texts (strings), exactly one.")
+        input_ids, attention_mask, labels, texts, texts_labels = (
+            _as_list(name, value)
+            for name, value in (
+                ("input_ids", input_ids),
+                ("attention_mask", attention_mask),
+                ("labels", labels),
+                ("texts", texts),
+                ("texts_labels", texts_labels),
+            )
+        )
         if input_ids is not None:
             if texts_labels is not None:
                 raise ValueError("texts_labels go with texts, not with input_ids; pass labels= for token ids.")
@@ -423,6 +434,18 @@ def _count_targets_tensor(labels: torch.Tensor, encoder_decoder: bool) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+def _as_list(name: str, values: Any) -> Any:
+    """Any sequence of examples as a list: a list, tuple, a `datasets` column (`Column` in datasets >= 4, which
+    is not a list), a numpy array or a 2-D tensor of rows. A string or a dict is not a sequence of examples."""
+    if values is None or isinstance(values, list):
+        return values
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list (or any sequence) of examples, got {type(values).__name__}.")
+    if isinstance(values, torch.Tensor) and values.dim() != 2:
+        raise ValueError(f"{name} as a tensor must be 2-D (one row per example), got shape {tuple(values.shape)}.")
+    return list(values)
+
+
 def _check_list(name: str, values: Any, length: int | None = None, item_type: type | None = None) -> None:
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"{name} must be a list, got {type(values).__name__}.")
@@ -441,6 +464,8 @@ def _as_int_list(name: str, index: int, value: Any) -> list[int]:
         if value.dim() != 1:
             raise ValueError(f"{name}[{index}] must be a 1-D tensor of token ids, got shape {tuple(value.shape)}.")
         return value.tolist()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1:
+        value = value.tolist()
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
         return list(value)
     raise ValueError(f"{name}[{index}] must be a 1-D tensor or a list of ints, got {type(value).__name__}.")

@@ -213,7 +213,14 @@ class AtomicCheckpoints:
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _load_rng_state(self, checkpoint: Any) -> None:
+        from ..compat import numpy_safe_globals
+
+        with numpy_safe_globals():  # transformers 4.4x loads the numpy RNG state with torch's weights_only default
+            super()._load_rng_state(checkpoint)
+
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        # *args/**kwargs: transformers 4.x passes `metrics` too.
         run_dir = super()._get_output_dir(trial)
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         staging_root = os.path.join(run_dir, STAGING_DIR)
@@ -225,7 +232,7 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         self._staging_run_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial, *args, **kwargs)
             if main:
                 extra = getattr(self, "_checkpoint_extra_state", None)
                 if extra is not None:
@@ -254,13 +261,23 @@ class AtomicCheckpoints:
 
     def _point_best_checkpoint_at(self, run_dir: str, staged: str) -> None:
         # transformers looked for the best checkpoint in the staging folder; point it at the final place.
-        best_step = self.state.best_global_step
+        best_step = best_global_step(self.state)
         if not best_step:
             return
         best = os.path.join(run_dir, f"{CHECKPOINT_PREFIX}{best_step}")
         if best_step == self.state.global_step or os.path.isdir(best):
             self.state.best_model_checkpoint = best
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
+
+
+def best_global_step(state: Any) -> int | None:
+    """The best checkpoint's step: `state.best_global_step` (transformers >= 4.50), else read from the folder name
+    of `best_model_checkpoint`."""
+    step = getattr(state, "best_global_step", None)
+    if step is None and state.best_model_checkpoint:
+        suffix = os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1]
+        step = int(suffix) if suffix.isdigit() else None
+    return step
 
 
 def publish(staged: str, final: str) -> None:
@@ -283,14 +300,9 @@ def _remove_if_empty(folder: str) -> None:
 
 
 def _rotate(trainer: Any, run_dir: str) -> None:
-    from transformers.trainer_utils import rotate_checkpoints
+    from ..compat import rotate_checkpoints
 
-    rotate_checkpoints(
-        output_dir=run_dir,
-        save_total_limit=trainer.args.save_total_limit,
-        best_model_checkpoint=trainer.state.best_model_checkpoint,
-        use_mtime=False,
-    )
+    rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, trainer_config
+from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, train_without_evaluation_data, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
@@ -95,6 +95,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         **legacy_kwargs: Any,
     ) -> None:
         args = _as_sft_config(args, model, legacy_kwargs)
+        train_without_evaluation_data(args, eval_dataset, "SFTTrainer")
         if model is None and model_init is None:
             raise ValueError("SFTTrainer needs a model: a model instance, a hub id or a local checkpoint path.")
         start_deepspeed_communication(args)  # before a ZeRO-3 model is built
@@ -276,7 +277,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             logs["skipped_nonfinite_steps"] = self._nonfinite_guard.skipped_steps
         if mode == "train" and "loss" in logs:
             logs.update(self._throughput.measure(self._num_tokens["train"]))
-        super().log(logs, start_time)
+        super().log(logs, *(() if start_time is None else (start_time,)))  # transformers < 4.47: log(logs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -312,9 +313,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
     def _checkpoint_extra_state(self) -> dict[str, Any]:
         return {"num_tokens": self._num_tokens_at_save}
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:  # 4.x adds metrics
         self._num_tokens_at_save = self.num_tokens_trained()  # a collective: every rank computes it
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

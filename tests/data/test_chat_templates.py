@@ -17,6 +17,7 @@ import json
 import pytest
 from datasets import Dataset
 
+from sftune.compat import TRANSFORMERS_5
 from sftune.data import formats
 from sftune.data.formats import DatasetFormatError
 from sftune.data.tokenize import (
@@ -404,6 +405,9 @@ def test_turns_as_examples_train_every_turns_reasoning(real, name):
     check_rows(name, tokenizer, messages, rows)
     for row, i in zip(rows, turns, strict=True):
         (run,) = trained_text(tokenizer, row["input_ids"], row["loss_mask"])
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if name == "gptoss" and not TRANSFORMERS_5 and messages[i]["reasoning_content"] not in full:
+            continue  # transformers 4.x renders this history without the turn's reasoning: nothing of it to train
         assert messages[i]["reasoning_content"] in run and messages[i]["content"] in run
 
 

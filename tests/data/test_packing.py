@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from sftune.compat import dtype_kwargs
 from sftune.data.collators import IGNORE_INDEX, DataCollatorForSFT
 from sftune.data.packing import best_fit_decreasing, pack_dataset
 
@@ -74,7 +75,9 @@ def per_token_losses(model, batch) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_batch_gives_each_example_the_loss_it_has_alone(tiny_llama_path, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, attn_implementation=attn, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_path, attn_implementation=attn, **dtype_kwargs(torch.float32)
+    )
     model.eval()
     rows = random_rows(12, seed=3, vocab=model.config.vocab_size)
     packed = pack_dataset(Dataset.from_list(rows), 96, "bfd")
@@ -98,7 +101,7 @@ def test_packed_batch_gives_each_example_the_loss_it_has_alone(tiny_llama_path, 
 
 
 def test_mean_loss_is_the_same_packed_and_unpacked(tiny_llama_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, **dtype_kwargs(torch.float32)).eval()
     rows = random_rows(10, seed=4, vocab=model.config.vocab_size)
     collator = DataCollatorForSFT(pad_token_id=0, attn_implementation="sdpa")
     unpacked = torch.cat(per_token_losses(model, collator(rows)))

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftune import DataCollatorForCompletionOnlyLM
-from sftune.data.collators import IGNORE_INDEX
+from sftune.compat import position_ids_isolate_documents
+from sftune.data.collators import IGNORE_INDEX, mask_for_model
 
 TEXTS = ["### Question: red? ### Answer: red red", "### Question: a b c d e f? ### Answer: yes", "### Answer: no"]
 
@@ -23,19 +24,26 @@ def features(tokenizer):
     return [{"input_ids": tokenizer(t)["input_ids"]} for t in TEXTS]
 
 
-def test_padding_free_flattens_restarts_positions_and_isolates_examples(tokenizer, tiny_llama_plain_path):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_flattens_restarts_positions_and_isolates_examples(tokenizer, tiny_llama_plain_path, attn):
+    """The batch carries what keeps documents apart on this transformers: position ids alone where transformers
+    isolates documents from them (5.x, as TRL's batch), plus a block mask where it does not (4.x)."""
     rows = features(tokenizer)
     padded = DataCollatorForCompletionOnlyLM("### Answer:", tokenizer=tokenizer)(rows)
     free = DataCollatorForCompletionOnlyLM("### Answer:", tokenizer=tokenizer, padding_free=True)(rows)
     total = sum(len(r["input_ids"]) for r in rows)
     assert free["input_ids"].numel() < padded["input_ids"].numel() and free["input_ids"].shape[0] < len(rows)
-    assert "position_ids" in free and free["attention_mask"].dim() == 4
+    assert "position_ids" in free
+    if position_ids_isolate_documents():
+        assert "attention_mask" not in free
+    else:
+        assert free["attention_mask"].dim() == 4
     assert int((free["position_ids"] == 0).sum()) >= len(rows)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_plain_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_plain_path, attn_implementation=attn).eval()
     found = 0
     with torch.no_grad():
-        logits = model(input_ids=free["input_ids"], position_ids=free["position_ids"],
-                       attention_mask=free["attention_mask"]).logits  # fmt: skip
+        inputs = mask_for_model({k: v for k, v in free.items() if k != "labels"}, model)
+        logits = model(**inputs, use_cache=False).logits  # as in training: transformers builds no KV cache
         for row, target in zip(rows, padded["labels"], strict=True):
             ids = row["input_ids"]
             alone = model(input_ids=torch.tensor([ids])).logits[0]

@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sftune.compat import dtype_kwargs
 from tests.gpu import checks
 
 
 def load(path, attn: str, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **dtype_kwargs(dtype)).eval()
 
 
 # bf16 eager on CPU is slow and adds nothing the GPU test does not cover.

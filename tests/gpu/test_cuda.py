@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sftune import ModelConfig, SFTConfig, SFTTrainer, get_kbit_device_map, get_quantization_config
+from sftune.compat import dtype_kwargs
 from sftune.throughput import GPU_PEAK_FLOPS, peak_flops
 from tests.gpu import checks
 
@@ -24,9 +25,11 @@ pytestmark = [
 
 def attention_implementations() -> list[str]:
     """Every attention sftune may run on a GPU without flash-attn: SDPA, eager, and flex_attention if offered."""
-    from transformers import AttentionInterface
-
     names = ["sdpa", "eager"]
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers < 4.48: no flex_attention registry
+        return names
     if "flex_attention" in AttentionInterface._global_mapping:
         names.append("flex_attention")
     return names
@@ -37,7 +40,7 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 
 
 def load(path, attn: str, dtype: torch.dtype):
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).to("cuda").eval()
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **dtype_kwargs(dtype)).to("cuda").eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,336 @@
+"""Every difference between the library versions sftune supports, in one place.
+
+The support matrix (README, pyproject, `constraints/`): transformers 4.46-5.x, datasets 3.0-5.x, peft 0.15+,
+accelerate 1.4+. Code elsewhere asks this module instead of testing versions itself, so that dropping an old
+version is a matter of deleting lines here.
+
+What it covers:
+- TrainingArguments fields that transformers 5 removed but TRL-era code still passes (`warmup_ratio`,
+  `evaluation_strategy`, `overwrite_output_dir`, ...): `legacy_training_arguments_base()` gives the configs a base
+  class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
+  (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
+- `rotate_checkpoints` (only transformers 5 has a public one).
+- The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
+- Processors called TRL-era style, `processor(texts, images)`, which transformers 5 reads as `images=texts`.
+- Whether the installed transformers isolates packed documents from `position_ids` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import transformers
+from packaging.version import Version
+from transformers import TrainingArguments
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+TRANSFORMERS_5 = TRANSFORMERS_VERSION >= Version("5.0.0.dev0")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TrainingArguments fields of transformers 4.x that transformers 5 removed
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _set(name: str, value_of: Any = None) -> Any:
+    """A mapping that sets `name` (to the old value, or to `value_of(old value, args)`) unless already set."""
+
+    def apply(args: Any, value: Any) -> None:
+        setattr(args, name, value if value_of is None else value_of(value, args))
+
+    return apply
+
+
+def _warmup_ratio(args: Any, value: float) -> None:
+    # transformers 5 reads a warmup_steps below 1 as a fraction of the training steps; a ratio of 1 (warm up over
+    # the whole run) stays a fraction that way.
+    if args.warmup_steps not in (0, None):
+        raise ValueError(
+            f"warmup_ratio={value} and warmup_steps={args.warmup_steps} both set the warmup; keep one "
+            "(warmup_steps below 1 is a fraction of the training steps)."
+        )
+    args.warmup_steps = min(float(value), 1 - 1e-9) if value else 0
+
+
+def _logging_dir(args: Any, value: str) -> None:
+    # transformers 5's TensorBoard callback reads its folder from this variable.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(value))
+
+
+def _group_by_length(args: Any, value: bool) -> None:
+    if value:
+        args.train_sampling_strategy = "group_by_length"
+
+
+def _include_inputs(args: Any, value: bool) -> None:
+    if value:
+        args.include_for_metrics = sorted(set(args.include_for_metrics or []) | {"inputs"})
+
+
+def _adafactor(args: Any, value: bool) -> None:
+    if value:
+        args.optim = "adafactor"
+
+
+def _torchdynamo(args: Any, value: str) -> None:
+    args.torch_compile = True
+    args.torch_compile_backend = value
+
+
+def _into_dict(attribute: str, key: str) -> Any:
+    def apply(args: Any, value: Any) -> None:
+        current = getattr(args, attribute)
+        if current is None or isinstance(current, str):
+            current = {} if not current else __import__("json").loads(current)
+        if isinstance(current, dict):
+            current.setdefault(key, value)
+        else:  # an AcceleratorConfig object
+            setattr(current, key, value)
+        setattr(args, attribute, current)
+
+    return apply
+
+
+def _hub_organization(args: Any, value: str) -> None:
+    name = args.hub_model_id or Path(args.output_dir or "model").name
+    args.hub_model_id = f"{value}/{name.split('/')[-1]}"
+
+
+def _no_cuda(args: Any, value: bool) -> None:
+    args.use_cpu = args.use_cpu or bool(value)
+
+
+# name -> (type, what it means now, how to apply it; None: it no longer means anything)
+LEGACY_TRAINING_ARGUMENTS: dict[str, tuple[type, str, Any]] = {
+    "evaluation_strategy": (str, "renamed `eval_strategy`", _set("eval_strategy")),
+    "warmup_ratio": (float, "now `warmup_steps` below 1 (a fraction of the training steps)", _warmup_ratio),
+    "logging_dir": (str, "now the TENSORBOARD_LOGGING_DIR environment variable", _logging_dir),
+    "group_by_length": (bool, "now `train_sampling_strategy='group_by_length'`", _group_by_length),
+    "per_gpu_train_batch_size": (int, "renamed `per_device_train_batch_size`", _set("per_device_train_batch_size")),
+    "per_gpu_eval_batch_size": (int, "renamed `per_device_eval_batch_size`", _set("per_device_eval_batch_size")),
+    "no_cuda": (bool, "renamed `use_cpu`", _no_cuda),
+    "push_to_hub_model_id": (str, "renamed `hub_model_id`", _set("hub_model_id")),
+    "push_to_hub_token": (str, "renamed `hub_token`", _set("hub_token")),
+    "push_to_hub_organization": (str, "now the owner part of `hub_model_id`", _hub_organization),
+    "include_inputs_for_metrics": (bool, "now `include_for_metrics=['inputs']`", _include_inputs),
+    "adafactor": (bool, "now `optim='adafactor'`", _adafactor),
+    "torchdynamo": (str, "now `torch_compile_backend`", _torchdynamo),
+    "fsdp_min_num_params": (int, "now `fsdp_config['min_num_params']`", _into_dict("fsdp_config", "min_num_params")),
+    "fsdp_transformer_layer_cls_to_wrap": (
+        str,
+        "now `fsdp_config['transformer_layer_cls_to_wrap']`",
+        _into_dict("fsdp_config", "transformer_layer_cls_to_wrap"),
+    ),
+    "dispatch_batches": (
+        bool,
+        "now `accelerator_config['dispatch_batches']`",
+        _into_dict("accelerator_config", "dispatch_batches"),
+    ),
+    "split_batches": (
+        bool,
+        "now `accelerator_config['split_batches']`",
+        _into_dict("accelerator_config", "split_batches"),
+    ),
+    # No meaning any more: accepted, with a warning that says so.
+    "overwrite_output_dir": (bool, "transformers never refused an existing output_dir; it has no effect", None),
+    "save_safetensors": (bool, "checkpoints are always safetensors; it has no effect", None),
+    "use_mps_device": (bool, "an Apple GPU is used automatically; it has no effect", None),
+    "jit_mode_eval": (bool, "TorchScript evaluation was removed; it has no effect", None),
+    "use_ipex": (bool, "Intel Extension for PyTorch support was removed; it has no effect", None),
+    "fp16_opt_level": (str, "apex AMP was removed (torch AMP is used); it has no effect", None),
+    "half_precision_backend": (str, "only torch AMP remains; it has no effect", None),
+    "fp16_backend": (str, "only torch AMP remains; it has no effect", None),
+    "tpu_num_cores": (int, "set by the TPU launcher; it has no effect", None),
+    "tpu_metrics_debug": (bool, "it has no effect", None),
+    "past_index": (int, "it has no effect", None),
+    "use_legacy_prediction_loop": (bool, "the legacy prediction loop was removed; it has no effect", None),
+    "mp_parameters": (str, "it has no effect", None),
+    "ray_scope": (str, "Ray Tune's scope is set in its own call now; it has no effect", None),
+    "include_tokens_per_second": (bool, "sftune logs tokens per second itself; it has no effect", None),
+}
+
+
+@functools.cache
+def legacy_training_arguments_base() -> type:
+    """`TrainingArguments` plus a field (default None) for each old name the installed transformers lacks, so that
+    constructors, `HfArgumentParser` flags and YAML recipes all accept them. On transformers 4.x: `TrainingArguments`
+    itself (the names are its own fields there)."""
+    present = {f.name for f in dataclasses.fields(TrainingArguments)}
+    extra = []
+    for name, (kind, meaning, _) in LEGACY_TRAINING_ARGUMENTS.items():
+        if name not in present:
+            help_text = f"Deprecated (transformers 4.x): {meaning}."
+            extra.append((name, kind | None, dataclasses.field(default=None, metadata={"help": help_text})))
+    if not extra:
+        return TrainingArguments
+    return dataclasses.make_dataclass("LegacyTrainingArguments", extra, bases=(TrainingArguments,))
+
+
+def apply_legacy_arguments(args: Any) -> None:
+    """Map every old name set on `args` to its current meaning, with one FutureWarning each (before
+    `TrainingArguments.__post_init__`). A no-op on transformers 4.x, where they are transformers' own fields."""
+    if not TRANSFORMERS_5:
+        return
+    for name, (_, meaning, apply) in LEGACY_TRAINING_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        setattr(args, name, None)  # applied once: a copy of these args does not warn again
+        warnings.warn(
+            f"`{name}` is a transformers 4.x argument: {meaning}. "
+            + ("It was applied that way; use the new form." if apply is not None else "It is ignored."),
+            FutureWarning,
+            stacklevel=4,
+        )
+        if apply is not None:
+            apply(args, value)
+
+
+def legacy_names() -> list[str]:
+    """The old TrainingArguments names accepted (with a warning) on this transformers."""
+    return sorted(LEGACY_TRAINING_ARGUMENTS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints, models, processors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
+    """Delete the oldest `checkpoint-N` folders beyond `save_total_limit`, never the newest nor the best one
+    (transformers 5's `trainer_utils.rotate_checkpoints`; 4.x has it only as a Trainer method)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    numbered = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            numbered.append((int(match.group(1)), str(path)))
+    checkpoints = [path for _, path in sorted(numbered)]
+    if len(checkpoints) <= save_total_limit:
+        return
+    protected = {checkpoints[-1]}
+    if best_model_checkpoint is not None:
+        protected.add(str(Path(best_model_checkpoint)))
+    keep = max(save_total_limit, len(protected))
+    remaining = len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= keep:
+            break
+        if checkpoint not in protected:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            remaining -= 1
+
+
+# `from_pretrained`'s dtype keyword: `dtype` from transformers 4.56 on, `torch_dtype` before.
+DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56.0") else "torch_dtype"
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """`{"dtype": dtype}` in the keyword this transformers' `from_pretrained`/`_from_config` reads."""
+    return {DTYPE_KWARG: dtype}
+
+
+def model_init_dtype_key(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`model_init_kwargs` (normalized to the `dtype` key) with the dtype under this transformers' keyword."""
+    if DTYPE_KWARG != "dtype" and "dtype" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs[DTYPE_KWARG] = kwargs.pop("dtype")
+    return kwargs
+
+
+def _looks_like_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
+
+
+def accept_positional_processor_call(processor: Any) -> Any:
+    """Let `processor(texts, images)` (TRL-era collators; transformers 4.x swapped the two when the first was text)
+    mean the same on transformers 5, whose processors read the first positional argument as `images`.
+
+    The instance's class is replaced by a subclass with that one difference; everything else is the processor's."""
+    if not TRANSFORMERS_5 or processor is None:
+        return processor
+    from transformers import ProcessorMixin
+
+    cls = type(processor)
+    if not isinstance(processor, ProcessorMixin) or getattr(cls, "_sftune_positional_text", False):
+        return processor
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args and "text" not in kwargs and _looks_like_text(args[0]):
+            text, *rest = args
+            if rest and "images" not in kwargs:
+                kwargs["images"] = rest.pop(0)
+            return cls.__call__(self, *rest, text=text, **kwargs)
+        return cls.__call__(self, *args, **kwargs)
+
+    processor.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "_sftune_positional_text": True})
+    return processor
+
+
+@functools.cache
+def position_ids_isolate_documents() -> bool:
+    """The installed transformers builds a block-diagonal causal mask from `position_ids` that restart at 0 when no
+    attention mask is given (its packed-sequence detection, every attention backend), so a padding-free batch needs
+    only `position_ids` to keep its documents apart."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def numpy_safe_globals() -> Any:
+    """A context in which `torch.load(weights_only=True)` (torch >= 2.6's default) reads the numpy RNG state that
+    `Trainer` saves in `rng_state.pth`. transformers >= 4.50 allowlists it itself; 4.4x calls plain `torch.load`,
+    so resuming any checkpoint fails there without this."""
+    import numpy as np
+    import torch
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return torch.serialization.safe_globals(allowed)
+
+
+def bits_and_bytes_config(**kwargs: Any) -> Any:
+    """`BitsAndBytesConfig(**kwargs)`. transformers 5 builds it anywhere; 4.x reads the installed bitsandbytes version
+    while building it, so without bitsandbytes it fails there: say what to install instead of a metadata error."""
+    from importlib.metadata import PackageNotFoundError
+
+    from transformers import BitsAndBytesConfig
+
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except PackageNotFoundError as err:
+        raise RuntimeError("8-bit/4-bit loading needs bitsandbytes: `pip install 'sftune[bnb]'`.") from err
+
+
+_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+# Records (in the environment, so that worker processes spawned later know it too) the value transformers wrote.
+_WRITTEN_MARK = "SFTUNE_MIXED_PRECISION_WRITTEN_BY_TRANSFORMERS"
+
+
+@contextlib.contextmanager
+def mixed_precision_env_of_this_config() -> Any:
+    """Around `TrainingArguments.__post_init__`: transformers 4.x writes ACCELERATE_MIXED_PRECISION for a bf16/fp16
+    config and never clears it, so a later float32 config in the same process (a notebook, a test suite), or in a
+    process it spawns, trains in bf16. A value that transformers wrote for an earlier config is removed first; one
+    set by the user or a launcher (`accelerate launch`) is left alone."""
+    current = os.environ.get(_MIXED_PRECISION_ENV)
+    if not TRANSFORMERS_5 and current is not None and os.environ.get(_WRITTEN_MARK) == current:
+        del os.environ[_MIXED_PRECISION_ENV]
+        current = None
+    yield
+    after = os.environ.get(_MIXED_PRECISION_ENV)
+    if after is not None and after != current:
+        os.environ[_WRITTEN_MARK] = after
