@@ -98,6 +98,11 @@ class Renderer:
             self.context = plain({**tokenizer.special_tokens_map, **self.template_kwargs})
             self.tool_schemas = plain(tools)
 
+    def __reduce__(self) -> tuple:
+        # The compiled template holds a ContextVar that cannot be pickled; datasets pickles map functions (to
+        # fingerprint them, and to send them to worker processes), which reach this object: rebuild it instead.
+        return (Renderer, (self.tokenizer, self.tools, self.template_kwargs))
+
     def prepare(self, messages: list[dict]) -> list[dict]:
         if not self.fast:
             return messages

@@ -191,3 +191,20 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_training(tokenizer_fo
         TokenizeOptions(None, assistant_only_loss=True),
     )
     assert len(kept) == 3
+
+
+def test_a_renderer_in_use_survives_pickling(tokenizer_for):
+    """datasets pickles map functions (fingerprints, worker processes, streamed generators), and those reach the
+    cached renderers; transformers' compiled template cannot be pickled, so a renderer is rebuilt instead."""
+    import pickle
+
+    from datasets.fingerprint import Hasher
+
+    tokenizer = tokenizer_for("prefill")
+    messages = [user("2+2?"), assistant("4")]
+    prepare(tokenizer, [{"messages": messages}], assistant_only_loss=True)  # leaves a cached renderer behind
+    renderer = render.renderer_for(tokenizer)
+    copy = pickle.loads(pickle.dumps(renderer))
+    prepared = copy.prepare(messages)
+    assert copy.text(prepared, original=messages) == tokenizer.apply_chat_template(messages, tokenize=False)
+    Hasher.hash(render.renderer_for)  # what datasets does to a map function that calls it
