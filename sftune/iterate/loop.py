@@ -25,7 +25,7 @@ import torch
 from ..constants import IGNORE_INDEX
 from ..data import render
 from . import store
-from .prompts import Prompt, load_prompts, prompt_ids
+from .prompts import Prompt, load_prompts, prompt_ids, reply_ids
 from .recipe import IterateConfig, RecipeError
 from .sampling import Job, Sample, plan_batches, sample_all, sample_seed
 from .verifiers import check, make_verifier
@@ -259,22 +259,9 @@ class Run:
     # ----------------------------------------------------------------------------------------------------------
 
     def reference_example(self, prompt: Prompt) -> Example:
-        """The prompt's reference answer as the model would generate it: for a chat prompt, the reply the template
-        renders for `{"role": "assistant", "content": reference}` after the exact inference prompt, through its stop
-        token (sftune.data.render.turn_replies, as SFTTrainer trains it); for plain text, its tokens and the first
-        stop token."""
-        ids = self.prompt_ids(prompt)
-        if prompt.messages is None:
-            reply = self.tokenizer(str(prompt.reference), add_special_tokens=False)["input_ids"]
-            return Example(ids, [*reply, self.stop_ids[0]])
-        messages = [*prompt.messages, {"role": "assistant", "content": str(prompt.reference)}]
-        turn = render.turn_replies(self.tokenizer, messages, [len(prompt.messages)], stops=self.stops)[0]
-        whole = self.tokenizer(turn.context + turn.reply, add_special_tokens=False)["input_ids"]
-        if whole[: len(ids)] == ids:
-            return Example(ids, [int(i) for i in whole[len(ids) :]])
-        # The reply's first characters merge with the prompt's last token: the model, given the exact prompt,
-        # generates them as tokens of their own.
-        return Example(ids, [int(i) for i in self.tokenizer(turn.reply, add_special_tokens=False)["input_ids"]])
+        """The prompt's reference answer as the model would generate it after its exact inference prompt: the reply
+        the template renders for it, through the stop token (prompts.reply_ids)."""
+        return Example(self.prompt_ids(prompt), reply_ids(self.tokenizer, prompt, str(prompt.reference), self.stops))
 
     def _reference_examples(self, prompts: list[Prompt]) -> list[Example]:
         return [self.reference_example(p) for p in prompts]

@@ -24,6 +24,25 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return [int(i) for i in render.inference_prompt_ids(tokenizer, prompt.messages)]
 
 
+def reply_ids(tokenizer: Any, prompt: Prompt, reply: str, stops: tuple[str, ...]) -> list[int]:
+    """A reply written as text (a gold answer) as the model would generate it after `prompt_ids(prompt)`: for a
+    chat prompt, the reply the template renders for `{"role": "assistant", "content": reply}` after the inference
+    prompt, through its stop token (sftune.data.render.turn_replies, as SFTTrainer trains it); for plain text, its
+    tokens and the first stop token."""
+    if prompt.messages is None:
+        ends = [tokenizer.convert_tokens_to_ids(token) for token in stops[:1]]
+        return [*tokenizer(reply, add_special_tokens=False)["input_ids"], *ends]
+    messages = [*prompt.messages, {"role": "assistant", "content": reply}]
+    turn = render.turn_replies(tokenizer, messages, [len(prompt.messages)], stops=stops)[0]
+    ids = prompt_ids(tokenizer, prompt)
+    whole = tokenizer(turn.context + turn.reply, add_special_tokens=False)["input_ids"]
+    if whole[: len(ids)] == ids:
+        return [int(i) for i in whole[len(ids) :]]
+    # The reply's first characters merge with the prompt's last token: the model, given the exact prompt,
+    # generates them as tokens of their own.
+    return [int(i) for i in tokenizer(turn.reply, add_special_tokens=False)["input_ids"]]
+
+
 def rows_to_prompts(rows: list[dict], prompt_column: str | None, reference_column: str, where: str) -> list[Prompt]:
     """Prompts from dataset rows: `messages` (a final assistant turn is the reference if there is no reference
     column) or a `prompt` column (text or messages). Errors name the row."""
