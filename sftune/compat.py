@@ -9,7 +9,7 @@ What it covers:
   `evaluation_strategy`, `overwrite_output_dir`, ...): `legacy_training_arguments_base()` gives the configs a base
   class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
   (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
-- `rotate_checkpoints` (only transformers 5 has a public one).
+- `rotate_checkpoints` (only transformers 5 has a public one); `best_global_step` (4.50+ records it).
 - The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
 - Processors called TRL-era style, `processor(texts, images)`, which transformers 5 reads as `images=texts`.
 - Whether the installed transformers isolates packed documents from `position_ids` alone.
@@ -238,6 +238,16 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model
 
 # `from_pretrained`'s dtype keyword: `dtype` from transformers 4.56 on, `torch_dtype` before.
 DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56.0") else "torch_dtype"
+
+
+def best_global_step(state: Any) -> int | None:
+    """The best checkpoint's step: `state.best_global_step` (transformers >= 4.50), else read from the folder
+    name of `best_model_checkpoint`."""
+    step = getattr(state, "best_global_step", None)
+    if step is None and state.best_model_checkpoint:
+        suffix = os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1]
+        step = int(suffix) if suffix.isdigit() else None
+    return step
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:

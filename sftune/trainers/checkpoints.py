@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..compat import best_global_step, numpy_safe_globals, rotate_checkpoints
 from ..errors import CheckpointSaveError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ class AtomicCheckpoints:
         return self._staging_run_dir or super()._get_output_dir(trial)
 
     def _load_rng_state(self, checkpoint: Any) -> None:
-        from ..compat import numpy_safe_globals
-
         with numpy_safe_globals():  # transformers 4.4x loads the numpy RNG state with torch's weights_only default
             super()._load_rng_state(checkpoint)
 
@@ -102,16 +101,6 @@ class AtomicCheckpoints:
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
 
 
-def best_global_step(state: Any) -> int | None:
-    """The best checkpoint's step: `state.best_global_step` (transformers >= 4.50), else read from the folder name
-    of `best_model_checkpoint`."""
-    step = getattr(state, "best_global_step", None)
-    if step is None and state.best_model_checkpoint:
-        suffix = os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1]
-        step = int(suffix) if suffix.isdigit() else None
-    return step
-
-
 def publish(staged: str, final: str) -> None:
     """Move a complete checkpoint into place; an older one of the same name is replaced, never half-deleted."""
     old = None
@@ -132,8 +121,6 @@ def _remove_if_empty(folder: str) -> None:
 
 
 def _rotate(trainer: Any, run_dir: str) -> None:
-    from ..compat import rotate_checkpoints
-
     rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
 
 
