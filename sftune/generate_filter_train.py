@@ -47,13 +47,16 @@ def as_prompt(index: int, prompt: Prompt) -> IteratePrompt:
     return IteratePrompt(str(index), [dict(m) for m in prompt], None, None)
 
 
-def training_example(tokenizer: Any, prompt: Prompt, reply: str) -> tuple[list[int], list[int]]:
+def training_example(
+    tokenizer: Any, prompt: Prompt, reply: str, generation_config: Any = None
+) -> tuple[list[int], list[int]]:
     """Token ids of a reply written as text (a gold answer) after `prompt`, and labels that train the reply only:
     the exact inference prompt, then the reply as the template renders it through its stop token
-    (sftune.iterate.prompts.reply_ids, the same rule as SFTTrainer's)."""
+    (sftune.iterate.prompts.reply_ids, the same rule as SFTTrainer's; `generation_config`: the model's, whose EOS
+    tokens end replies where it names them)."""
     as_iterate = as_prompt(0, prompt)
     ids = prompt_ids(tokenizer, as_iterate)
-    completion = reply_ids(tokenizer, as_iterate, reply, render.stop_tokens(tokenizer))
+    completion = reply_ids(tokenizer, as_iterate, reply, render.stop_tokens(tokenizer, generation_config))
     return ids + completion, [IGNORE_INDEX] * len(ids) + completion
 
 
@@ -108,7 +111,7 @@ def generate_filter_train(
             if len(chosen) < max_accepted_per_prompt and reply not in seen and accept(sample.prompt_index, reply):
                 chosen.append(sample.token_ids)
                 seen.add(reply)
-        pairs = [(ids[i], reply_ids) for i, chosen in kept.items() for reply_ids in chosen]
+        pairs = [(ids[i], drawn) for i, chosen in kept.items() for drawn in chosen]
         loss = None
         if pairs:
             loss = trainer.step(
