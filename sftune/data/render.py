@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import compat
+from ..errors import RenderError
 from . import chat_spans
 
 # Why a turn is rendered on its own (the whole rendering does not show it as at inference).
@@ -57,14 +58,6 @@ PROMPT_DIFFERS = (
 REPLY_DIFFERS = "the whole conversation renders this reply differently from inference (e.g. drops its reasoning)"
 PREFILL = "the inference prompt ends with a prefill the rendered reply lacks"
 NO_STOP = "the template renders no stop token after the reply (it is trained up to the end of its rendering)"
-
-
-class RenderError(ValueError):
-    """A turn cannot be rendered as at inference; `turn` is its message index."""
-
-    def __init__(self, turn: int, reason: str):
-        super().__init__(reason)
-        self.turn = turn
 
 
 # --------------------------------------------------------------------------------------------------------------
