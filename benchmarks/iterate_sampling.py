@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from sftune import tasks
-from sftune.iterate.prompts import inference_prompt_ids, rows_to_prompts, stop_token_ids
+from sftune.data.render import stop_token_ids
+from sftune.iterate.prompts import prompt_ids, rows_to_prompts
 from sftune.iterate.sampling import Job, plan_batches, sample_all, sample_seed
 from sftune.models import load_model, load_tokenizer, smollm2_path
 
@@ -56,7 +57,7 @@ def main() -> None:
     path = smollm2_path()
     tokenizer, model = load_tokenizer(path), load_model(path).eval()
     train, _ = tasks.make_task_splits(n_train=args.prompts, n_test=1)
-    ids = [inference_prompt_ids(tokenizer, p) for p in rows_to_prompts(train, None, "answer", "bench")]
+    ids = [prompt_ids(tokenizer, p) for p in rows_to_prompts(train, None, "answer", "bench")]
     stops = stop_token_ids(tokenizer, model.generation_config)
     totals = {"plain_generate_loop": [0, 0.0], "sftune_batched": [0, 0.0]}
     for repeat in range(args.repeats):

@@ -199,7 +199,7 @@ def run_sft(argv: list[str]) -> dict[str, Any]:
     """Train as the arguments say; print and return a summary."""
     from .engines import start_deepspeed_communication
     from .models import get_peft_config
-    from .trainers.safety import resolve_resume_checkpoint
+    from .trainers.checkpoints import resolve_resume_checkpoint
     from .trainers.sft import SFTTrainer
 
     script_args, sft_args, model_args = parse_sft_args(argv)

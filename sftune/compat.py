@@ -9,10 +9,16 @@ What it covers:
   `evaluation_strategy`, `overwrite_output_dir`, ...): `legacy_training_arguments_base()` gives the configs a base
   class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
   (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
-- `rotate_checkpoints` (only transformers 5 has a public one).
+- `rotate_checkpoints` (only transformers 5 has a public one); `best_global_step` (4.50+ records it).
 - The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
 - Processors called TRL-era style, `processor(texts, images)`, which transformers 5 reads as `images=texts`.
 - Whether the installed transformers isolates packed documents from `position_ids` alone.
+- DeepSpeed's "auto" batch sizes under transformers 5's lazy process set-up (`start_processes_before_deepspeed_config`).
+- The KV-cache keyword of a model's forward (`cache` or `past_key_values`) and `logits_to_keep` (`cache_argument`).
+- The private transformers functions behind `apply_chat_template` that sftune.data.render calls directly for speed
+  (`compile_chat_template`, `template_messages`, `plain_template_data`), each with a fallback where absent.
+
+It imports no other sftune module (the lowest import layer).
 """
 
 from __future__ import annotations
@@ -234,6 +240,16 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model
 DTYPE_KWARG = "dtype" if TRANSFORMERS_VERSION >= Version("4.56.0") else "torch_dtype"
 
 
+def best_global_step(state: Any) -> int | None:
+    """The best checkpoint's step: `state.best_global_step` (transformers >= 4.50), else read from the folder
+    name of `best_model_checkpoint`."""
+    step = getattr(state, "best_global_step", None)
+    if step is None and state.best_model_checkpoint:
+        suffix = os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1]
+        step = int(suffix) if suffix.isdigit() else None
+    return step
+
+
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:
     """`{"dtype": dtype}` in the keyword this transformers' `from_pretrained`/`_from_config` reads."""
     return {DTYPE_KWARG: dtype}
@@ -334,3 +350,67 @@ def mixed_precision_env_of_this_config() -> Any:
     after = os.environ.get(_MIXED_PRECISION_ENV)
     if after is not None and after != current:
         os.environ[_WRITTEN_MARK] = after
+
+
+def start_processes_before_deepspeed_config(args: Any) -> None:
+    """transformers fills DeepSpeed's "auto" batch sizes from `args.world_size` while it reads the DeepSpeed
+    config, but (5.x) sets the processes up only later, lazily: the world size then reads 1 and train_batch_size
+    comes out N times too small (DeepSpeed's batch assertion fails). Set them up first."""
+    if args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args._setup_devices  # noqa: B018 (a cached property: the set-up is the point)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model forward arguments for incremental decoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cache_argument(model: Any) -> tuple[str, dict[str, int]]:
+    """The name the model's forward gives its KV cache (`cache` in recent transformers, else `past_key_values`),
+    and the argument that computes only the last position's logits if it has one (`logits_to_keep`, transformers
+    >= 4.50; older ones compute every position's)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    return name, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chat templates rendered as apply_chat_template renders them (sftune.data.render's fast path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _chat_template_utils() -> Any:
+    try:
+        from transformers.utils import chat_template_utils
+    except ImportError:
+        return None
+    return chat_template_utils
+
+
+def compile_chat_template(template: str) -> Any:
+    """The compiled Jinja template `apply_chat_template` renders with (transformers' private
+    `_compile_jinja_template`), or None where this transformers has none: callers then call `apply_chat_template`."""
+    compile_template = getattr(_chat_template_utils(), "_compile_jinja_template", None)
+    return compile_template(template) if compile_template is not None else None
+
+
+def plain_template_data(value: Any) -> Any:
+    """`value` as transformers hands it to a template (its private `_plain_template_data`: plain dicts and lists;
+    versions without it pass values as they are)."""
+    plain = getattr(_chat_template_utils(), "_plain_template_data", None)
+    return plain(value) if plain is not None else value
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as `apply_chat_template` hands them to the template: None fields dropped (its private
+    `_normalize_chat_messages` where it has one), plain data, reasoning field aliases (`_alias_reasoning_fields`).
+    Each step is used where this transformers has it."""
+    utils = _chat_template_utils()
+    normalize = getattr(utils, "_normalize_chat_messages", None)
+    chat = normalize(messages) if normalize else [{k: v for k, v in m.items() if v is not None} for m in messages]
+    chat = plain_template_data(chat)
+    alias = getattr(utils, "_alias_reasoning_fields", None)
+    return alias(chat) if alias else chat

@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainingArguments
 
-from .compat import apply_legacy_arguments, legacy_training_arguments_base, mixed_precision_env_of_this_config
+from .compat import (
+    apply_legacy_arguments,
+    legacy_training_arguments_base,
+    mixed_precision_env_of_this_config,
+    start_processes_before_deepspeed_config,
+)
 
 # TrainingArguments, plus the transformers 4.x names that 5.x removed (mapped in `__post_init__`, see compat).
 if TYPE_CHECKING:  # the checker sees the fields of the installed TrainingArguments; the extra ones are runtime-only
@@ -392,14 +397,6 @@ def apply_machine_defaults(args: TrainingArguments) -> None:
             args.ddp_backend = args.ddp_backend or "gloo"
     use_cpu_for_bf16(args)
     start_processes_before_deepspeed_config(args)
-
-
-def start_processes_before_deepspeed_config(args: TrainingArguments) -> None:
-    """transformers fills DeepSpeed's "auto" batch sizes from `args.world_size` while it reads the DeepSpeed
-    config, but (5.x) sets the processes up only later, lazily: the world size then reads 1 and train_batch_size
-    comes out N times too small (DeepSpeed's batch assertion fails). Set them up first. (Version shim.)"""
-    if args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        args._setup_devices  # noqa: B018 (a cached property: the set-up is the point)
 
 
 def use_cpu_for_bf16(args: TrainingArguments) -> None:

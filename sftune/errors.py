@@ -34,3 +34,19 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, checkpoint: str | None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+class RenderError(ValueError):
+    """A conversation's turn cannot be rendered as at inference (sftune.data.render); `turn` is its message index."""
+
+    def __init__(self, turn: int, reason: str):
+        super().__init__(reason)
+        self.turn = turn
+
+
+class RecipeError(ValueError):
+    """A mistake in an `sftune iterate` recipe: named field, what is wrong, how to fix it."""
+
+
+class VerifierError(RuntimeError):
+    """A verifier raised (`sftune iterate`): names the prompt and the reply it was checking."""

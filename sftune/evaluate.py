@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .data import render
+
 
 @torch.inference_mode()
 def generate_replies(
@@ -36,8 +38,7 @@ def generate_replies(
             chunk = [conversations[i] for i in order[start : start + batch_size]]
             # Chat prompts carry their own special tokens; plain-text prompts get the tokenizer's.
             plain_text = all(isinstance(c, str) for c in chunk)
-            prompts = [c if isinstance(c, str) else tokenizer.apply_chat_template(c, tokenize=False,
-                       add_generation_prompt=True) for c in chunk]  # fmt: skip
+            prompts = [c if isinstance(c, str) else render.inference_prompt(tokenizer, c) for c in chunk]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=plain_text)
             if "token_type_ids" not in inspect.signature(model.forward).parameters:
                 inputs.pop("token_type_ids", None)  # some tokenizers add them; transformers 4.x generate refuses them

@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
 
     from sftune import SFTConfig, SFTTrainer
-    from sftune.trainers.safety import NonFiniteTrainingError, TrainingInterrupted
+    from sftune.errors import NonFiniteTrainingError, TrainingInterrupted
 
     check_windows = record_check_windows(options.check_tokens)
 

@@ -159,7 +159,7 @@ def test_csv_columns_are_text(tmp_path):
 
 
 def test_nan_during_training_exits_1_from_the_cli(tiny_llama_path, tmp_path, good_data, capsys, monkeypatch):
-    from sftune.trainers.safety import NonFiniteGuard
+    from sftune.trainers.guards import NonFiniteGuard
 
     original = NonFiniteGuard.observe_loss
     monkeypatch.setattr(NonFiniteGuard, "observe_loss", lambda self, loss: original(self, loss * math.nan))

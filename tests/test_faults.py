@@ -15,15 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from sftune.errors import CheckpointSaveError, NonFiniteTrainingError, TrainingInterrupted
 from sftune.models import NonFiniteWeightsError, load_model
-from sftune.trainers.safety import (
-    STAGING_DIR,
-    CheckpointSaveError,
-    NonFiniteTrainingError,
-    TrainingInterrupted,
-    is_complete_checkpoint,
-    newest_complete_checkpoint,
-)
+from sftune.trainers.checkpoints import STAGING_DIR, is_complete_checkpoint, newest_complete_checkpoint
 from tests.fault_worker import MAX_STEPS, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from sftune import tasks
+from sftune.data import render
 from sftune.iterate import IterateConfig, RecipeError, Run, VerifierError, iterate
-from sftune.iterate.prompts import inference_prompt_ids, rows_to_prompts, stop_token_ids, template_end_of_turn
+from sftune.iterate.prompts import prompt_ids, rows_to_prompts
 from sftune.iterate.sampling import Job, plan_batches, sample_all, sample_seed
 from sftune.iterate.verifiers import extract_number, make_verifier
 from sftune.models import ensure_pad_token
 from tests import real_tokenizers
-from tests.iterate_helpers import smollm2_tokenizer, tiny_model
+from tests.iterate_helpers import end_of_turn_id, smollm2_tokenizer, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted(real_tokenizers.PAIRS)
@@ -41,7 +42,7 @@ def user_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def smollm2():
     tokenizer = smollm2_tokenizer()
-    return tokenizer, template_end_of_turn(tokenizer)
+    return tokenizer, end_of_turn_id(tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def smollm2():
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_trained_tokens_are_inference_prompt_plus_sampled_ids(name, tmp_path):
     tokenizer = ensure_pad_token(real_tokenizers.load(name))
-    end = template_end_of_turn(tokenizer)
+    end = end_of_turn_id(tokenizer)
     assert end is not None, f"{name}: no end-of-turn token found after an assistant reply"
     # The template's own rendering of a finished turn puts that token right after the reply (after whitespace,
     # for templates such as llama2's that write " </s>").
@@ -92,12 +93,42 @@ def test_trained_tokens_are_inference_prompt_plus_sampled_ids(name, tmp_path):
         assert row["loss_mask"] == example.completion_mask
 
 
-def test_stop_ids_hold_the_generation_config_eos_and_end_of_turn():
+def test_stop_ids_are_the_generation_config_eos_else_the_templates_end_of_turn_and_eos():
     tokenizer = ensure_pad_token(real_tokenizers.load("llama3_1"))
-    config = type("GenerationConfig", (), {"eos_token_id": [tokenizer.convert_tokens_to_ids("<|end_of_text|>")]})
-    stops = stop_token_ids(tokenizer, config)
-    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in stops
-    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") in stops
+    eot, end_of_text = (tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>"))
+    # Llama-3.1's own generation_config.json names both (and <|eom_id|>): generation stops at either.
+    config = type("GenerationConfig", (), {"eos_token_id": [end_of_text, eot]})
+    assert render.stop_token_ids(tokenizer, config) == [end_of_text, eot]
+    # Without a generation config: the end-of-turn the template renders after a reply, and the tokenizer's EOS.
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}], tokenize=False
+    )
+    assert text.split("Yes", 1)[1].startswith("<|eot_id|>")
+    assert eot in render.stop_token_ids(tokenizer) and tokenizer.eos_token_id in render.stop_token_ids(tokenizer)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_gold_reply_is_the_templates_reply_after_the_exact_inference_prompt(name, tmp_path):
+    """train_on: reference and warm_start train the reference as the template renders that reply (what the model
+    must generate), not its text tokenized apart plus a guessed end token."""
+    tokenizer = ensure_pad_token(real_tokenizers.load(name))
+    end = end_of_turn_id(tokenizer)
+    rows = user_rows(2)
+    config = IterateConfig(model="unused", dataset=write_rows(tmp_path / "train.jsonl", rows), rounds=1,
+                           output_dir=str(tmp_path / "run"), verifier="exact", progress=False)  # fmt: skip
+    run = Run(config, model=tiny_model(tokenizer, end), tokenizer=tokenizer)
+    for prompt, row in zip(run.train_prompts, rows, strict=True):
+        example = run.reference_example(prompt)
+        expected_prompt = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+        assert example.prompt_ids == list(expected_prompt["input_ids"] if hasattr(expected_prompt, "keys")
+                                          else expected_prompt)  # fmt: skip
+        assert example.completion_ids[-1] in run.stop_ids  # ends where sampling would stop
+        full = [*row["messages"], {"role": "assistant", "content": row["answer"]}]
+        rendered = tokenizer.apply_chat_template(full, tokenize=False)
+        reply = tokenizer.decode(example.completion_ids)
+        # The reply's text is the template's own rendering of that turn, from the prompt's end through the stop.
+        assert row["answer"] in reply and reply.rstrip() in rendered, (reply, rendered)
+        assert reply.endswith(tokenizer.convert_ids_to_tokens(example.completion_ids[-1]))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -109,7 +140,7 @@ def test_batched_greedy_equals_transformers_generate_per_prompt(smollm2):
     tokenizer, end = smollm2
     model = tiny_model(tokenizer, end, stop_bias=0.3).eval()  # greedy: some replies stop, some run out
     prompts = rows_to_prompts(user_rows(7), None, "answer", "test")
-    ids = [inference_prompt_ids(tokenizer, p) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     assert len({len(x) for x in ids}) > 1  # prompts of different lengths share batches (left padding)
     jobs = [Job(i, 0, 0) for i in range(len(ids))]
     samples = sample_all(model, ids, plan_batches([len(x) for x in ids], jobs, 4), [end], tokenizer.pad_token_id,
@@ -128,7 +159,7 @@ def test_each_sample_draws_the_same_tokens_whatever_batch_it_is_in(smollm2):
     tokenizer, end = smollm2
     model = tiny_model(tokenizer, end).eval()
     prompts = rows_to_prompts(user_rows(5), None, "answer", "test")
-    ids = [inference_prompt_ids(tokenizer, p) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     jobs = [Job(i, s, sample_seed(0, i, s)) for i in range(5) for s in range(3)]
 
     def draw(batch_size):

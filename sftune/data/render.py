@@ -46,6 +46,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .. import compat
+from ..errors import RenderError
 from . import chat_spans
 
 # Why a turn is rendered on its own (the whole rendering does not show it as at inference).
@@ -56,14 +58,6 @@ PROMPT_DIFFERS = (
 REPLY_DIFFERS = "the whole conversation renders this reply differently from inference (e.g. drops its reasoning)"
 PREFILL = "the inference prompt ends with a prefill the rendered reply lacks"
 NO_STOP = "the template renders no stop token after the reply (it is trained up to the end of its rendering)"
-
-
-class RenderError(ValueError):
-    """A turn cannot be rendered as at inference; `turn` is its message index."""
-
-    def __init__(self, turn: int, reason: str):
-        super().__init__(reason)
-        self.turn = turn
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,15 +82,14 @@ class Renderer:
     def __init__(self, tokenizer: Any, tools: list | None = None, template_kwargs: dict | None = None):
         self.tokenizer, self.tools, self.template_kwargs = tokenizer, tools, template_kwargs or {}
         self.template = template_for(tokenizer, tools)
-        self.fast = all(isinstance(tool, dict) for tool in tools or [])
+        # Tools given as functions are converted by apply_chat_template itself: those go the slow way.
+        self.compiled: Any = (
+            compat.compile_chat_template(self.template) if all(isinstance(t, dict) for t in tools or []) else None
+        )
+        self.fast = self.compiled is not None
         if self.fast:
-            from transformers.utils import chat_template_utils as utils
-
-            self.utils = utils
-            self.compiled = utils._compile_jinja_template(self.template)
-            plain = getattr(utils, "_plain_template_data", lambda value: value)
-            self.context = plain({**tokenizer.special_tokens_map, **self.template_kwargs})
-            self.tool_schemas = plain(tools)
+            self.context = compat.plain_template_data({**tokenizer.special_tokens_map, **self.template_kwargs})
+            self.tool_schemas = compat.plain_template_data(tools)
 
     def __reduce__(self) -> tuple:
         # The compiled template holds a ContextVar that cannot be pickled; datasets pickles map functions (to
@@ -106,7 +99,7 @@ class Renderer:
     def prepare(self, messages: list[dict]) -> list[dict]:
         if not self.fast:
             return messages
-        return template_messages(self.utils, messages)
+        return compat.template_messages(messages)
 
     def text(self, prepared: list[dict], add_generation_prompt: bool = False, original: list | None = None) -> str:
         if self.fast:
@@ -156,17 +149,6 @@ def renderer_for(tokenizer: Any, tools: list | None = None, template_kwargs: dic
         cache.clear()
         cache[key] = Renderer(tokenizer)
     return cache[key]
-
-
-def template_messages(utils: Any, messages: list[dict]) -> list[dict]:
-    """The messages as transformers hands them to the template (None fields dropped, plain data, reasoning field
-    aliases). Version-dependent: each step is used where this transformers has it."""
-    normalize = getattr(utils, "_normalize_chat_messages", None)
-    chat = normalize(messages) if normalize else [{k: v for k, v in m.items() if v is not None} for m in messages]
-    plain = getattr(utils, "_plain_template_data", None)
-    chat = plain(chat) if plain else chat
-    alias = getattr(utils, "_alias_reasoning_fields", None)
-    return alias(chat) if alias else chat
 
 
 def render_many(

@@ -7,9 +7,11 @@ text with these functions explicitly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from ..data import render
 
 
 def conversations_formatting_function(tokenizer: PreTrainedTokenizerBase, messages_field: str = "messages") -> Callable:
@@ -63,5 +65,5 @@ __all__ = [
 
 
 def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
-    # With tokenize=False the template's rendering is a string (the union in transformers' annotation covers tokenize=True).
-    return cast(str, tokenizer.apply_chat_template(messages, tokenize=False))
+    # The template's text, as `apply_chat_template(tokenize=False)` gives it, from the one renderer.
+    return render.render(tokenizer, messages)

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from ..constants import IGNORE_INDEX
+from ..data import render
 from . import store
-from .prompts import Prompt, inference_prompt_ids, load_prompts, stop_token_ids, template_end_of_turn
+from .prompts import Prompt, load_prompts, prompt_ids, reply_ids
 from .recipe import IterateConfig, RecipeError
 from .sampling import Job, Sample, plan_batches, sample_all, sample_seed
 from .verifiers import check, make_verifier
@@ -70,9 +71,15 @@ class Run:
         self.model, self.tokenizer = model, tokenizer
         if self.model is None or self.tokenizer is None:
             self.model, self.tokenizer = _load(config, self.model, self.tokenizer)
-        self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
-        end = template_end_of_turn(self.tokenizer)
-        self.end_of_reply = end if end is not None else self.stop_ids[0]
+        # What ends a reply, for sampling and for the gold replies alike: the model's generation config where it
+        # names its EOS tokens, else the template's end-of-turn and the tokenizer's EOS (sftune.data.render).
+        self.stops = render.stop_tokens(self.tokenizer, getattr(self.model, "generation_config", None))
+        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(token) for token in self.stops]
+        if not self.stop_ids:
+            raise RecipeError(
+                f"{config.model}: no token ends a reply (no EOS in the tokenizer or generation config, and the chat "
+                "template renders no end-of-turn). Set the tokenizer's eos_token."
+            )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.trainer = _make_trainer(config, self.model, self.tokenizer)
         self._prompt_ids: dict[int, list[int]] = {}
@@ -174,7 +181,7 @@ class Run:
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         key = id(prompt)
         if key not in self._prompt_ids:
-            self._prompt_ids[key] = inference_prompt_ids(self.tokenizer, prompt)
+            self._prompt_ids[key] = prompt_ids(self.tokenizer, prompt)
         return self._prompt_ids[key]
 
     # ----------------------------------------------------------------------------------------------------------
@@ -252,9 +259,9 @@ class Run:
     # ----------------------------------------------------------------------------------------------------------
 
     def reference_example(self, prompt: Prompt) -> Example:
-        """The prompt's reference answer as the reply: its tokens, then the template's end-of-turn."""
-        reply = self.tokenizer(str(prompt.reference), add_special_tokens=False)["input_ids"]
-        return Example(self.prompt_ids(prompt), [*reply, self.end_of_reply])
+        """The prompt's reference answer as the model would generate it after its exact inference prompt: the reply
+        the template renders for it, through the stop token (prompts.reply_ids)."""
+        return Example(self.prompt_ids(prompt), reply_ids(self.tokenizer, prompt, str(prompt.reference), self.stops))
 
     def _reference_examples(self, prompts: list[Prompt]) -> list[Example]:
         return [self.reference_example(p) for p in prompts]

@@ -1,16 +1,11 @@
-"""Prompts as the model sees them at inference: the chat template's generation prompt as token ids, and the
-tokens that end a reply (the template's end-of-turn and the model's EOS).
-
-`inference_prompt_ids` and `stop_token_ids` are the only places this module renders a chat template; they move
-to the shared renderer (sftune/data/chat_spans.py) once it exposes the inference prompt and stop tokens.
-"""
+"""Prompts from a dataset, and their ids as the model sees them at inference (rendered by sftune.data.render)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-END_MARKER = "\u2063sftune-end-of-reply\u2063"
+from ..data import render
 
 
 @dataclass
@@ -21,58 +16,31 @@ class Prompt:
     reference: Any
 
 
-def inference_prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """The exact ids a model is given at inference: `apply_chat_template(..., add_generation_prompt=True)`, or the
-    tokenizer's own encoding (with its special tokens) for a plain-text prompt."""
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The exact ids a model is given at inference: the chat template's inference prompt (sftune.data.render, the
+    one definition training uses too), or the tokenizer's own encoding (with its special tokens) for plain text."""
     if prompt.messages is None:
         return list(tokenizer(prompt.text)["input_ids"])
-    ids = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers versions that return a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    return [int(i) for i in render.inference_prompt_ids(tokenizer, prompt.messages)]
 
 
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Tokens that end a reply: the generation config's EOS ids, the tokenizer's EOS, and the chat template's
-    end-of-turn (the first special token the template writes after an assistant message)."""
-    found: list[int] = []
-
-    def add(value: Any) -> None:
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and int(token) not in found:
-                found.append(int(token))
-
-    if generation_config is not None:
-        add(getattr(generation_config, "eos_token_id", None))
-    add(tokenizer.eos_token_id)
-    end_of_turn = template_end_of_turn(tokenizer)
-    if end_of_turn is not None:
-        add(end_of_turn)
-    if not found:
-        raise ValueError("The tokenizer has no EOS token and its chat template no end-of-turn: nothing stops a reply.")
-    return found
-
-
-def template_end_of_turn(tokenizer: Any) -> int | None:
-    """The special token the chat template writes right after an assistant reply, if any."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": END_MARKER}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:
-        return None
-    if END_MARKER not in text:
-        return None
-    after = text.split(END_MARKER, 1)[1]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    for token in ids:
-        if token in special:
-            return int(token)
-        if tokenizer.decode([token]).strip():  # visible text before any special token: no end-of-turn token
-            return None
-    return None
+def reply_ids(tokenizer: Any, prompt: Prompt, reply: str, stops: tuple[str, ...]) -> list[int]:
+    """A reply written as text (a gold answer) as the model would generate it after `prompt_ids(prompt)`: for a
+    chat prompt, the reply the template renders for `{"role": "assistant", "content": reply}` after the inference
+    prompt, through its stop token (sftune.data.render.turn_replies, as SFTTrainer trains it); for plain text, its
+    tokens and the first stop token."""
+    if prompt.messages is None:
+        ends = [tokenizer.convert_tokens_to_ids(token) for token in stops[:1]]
+        return [*tokenizer(reply, add_special_tokens=False)["input_ids"], *ends]
+    messages = [*prompt.messages, {"role": "assistant", "content": reply}]
+    turn = render.turn_replies(tokenizer, messages, [len(prompt.messages)], stops=stops)[0]
+    ids = prompt_ids(tokenizer, prompt)
+    whole = tokenizer(turn.context + turn.reply, add_special_tokens=False)["input_ids"]
+    if whole[: len(ids)] == ids:
+        return [int(i) for i in whole[len(ids) :]]
+    # The reply's first characters merge with the prompt's last token: the model, given the exact prompt,
+    # generates them as tokens of their own.
+    return [int(i) for i in tokenizer(turn.reply, add_special_tokens=False)["input_ids"]]
 
 
 def rows_to_prompts(rows: list[dict], prompt_column: str | None, reference_column: str, where: str) -> list[Prompt]:

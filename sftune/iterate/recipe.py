@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RecipeError
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_ON = ("samples", "reference")
-
-
-class RecipeError(ValueError):
-    """A mistake in the recipe: named field, what is wrong, how to fix it."""
 
 
 @dataclass

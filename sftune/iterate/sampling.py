@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import cache_argument
+
 
 @dataclass(frozen=True)
 class Job:
@@ -67,18 +69,6 @@ def choose_tokens(
     # Never pick a token of probability 0 (the uniform landing exactly on a flat stretch of the CDF).
     pick = torch.where(probs.gather(-1, pick) > 0, pick, probs.argmax(-1, keepdim=True))
     return (order.gather(-1, pick) if order is not None else pick).squeeze(-1)
-
-
-def cache_argument(model: Any) -> tuple[str, dict[str, int]]:
-    """The name the model's forward gives its KV cache (`cache` in recent transformers, else `past_key_values`),
-    and the argument that computes only the last position's logits if it has one. (A version shim: belongs in
-    sftune/compat.py.)"""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    return name, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
 
 
 @torch.inference_mode()

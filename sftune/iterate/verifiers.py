@@ -13,11 +13,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import VerifierError
+
 Verifier = Callable[[str, Any], bool]
-
-
-class VerifierError(RuntimeError):
-    """A verifier raised: names the prompt and the reply it was checking."""
 
 
 def exact_match(strip: bool = True, case_sensitive: bool = True) -> Verifier:

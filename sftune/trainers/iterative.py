@@ -31,7 +31,8 @@ from ..data.tokenize import TokenizeOptions, fitting_slices, kept_slice, tokeniz
 from ..engines import start_deepspeed_communication
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
-from .safety import AtomicCheckpoints, NonFiniteGuard
+from .checkpoints import AtomicCheckpoints
+from .guards import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 

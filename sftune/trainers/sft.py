@@ -30,15 +30,9 @@ from ..models import (
     takes_packed_rows,
 )
 from ..throughput import ThroughputMeter, matmul_dtype, training_flops_per_token
+from .checkpoints import AtomicCheckpoints, read_extra_state, resolve_resume_checkpoint
+from .guards import InterruptHandler, NonFiniteGuard, interrupted_error
 from .model_card import write_model_card
-from .safety import (
-    AtomicCheckpoints,
-    InterruptHandler,
-    NonFiniteGuard,
-    interrupted_error,
-    read_extra_state,
-    resolve_resume_checkpoint,
-)
 
 logger = logging.getLogger(__name__)
 

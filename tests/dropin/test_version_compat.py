@@ -330,3 +330,25 @@ def test_a_float32_config_after_a_bf16_one_trains_in_float32_here_and_in_spawned
     assert child.stdout.split()[-1] == "no"
     SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
     assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no"
+
+
+def test_renderer_falls_back_to_apply_chat_template_without_transformers_private_functions(monkeypatch):
+    """sftune.data.render calls transformers' private chat-template functions through sftune.compat for speed; a
+    transformers without them must render the same text (the slow path: apply_chat_template itself)."""
+    from sftune import compat
+    from sftune.data import render
+    from tests import real_tokenizers
+
+    tokenizer = real_tokenizers.load("qwen3")
+    messages = [{"role": "user", "content": "Hi", "name": None}, {"role": "assistant", "content": "Yes"},
+                {"role": "user", "content": "And?"}]  # fmt: skip
+    fast = render.Renderer(tokenizer)
+    assert fast.fast  # this transformers has them
+    monkeypatch.setattr(compat, "_chat_template_utils", lambda: None)
+    assert compat.template_messages(messages)[0] == {"role": "user", "content": "Hi"}  # None fields dropped
+    slow = render.Renderer(tokenizer)
+    assert not slow.fast
+    for generation_prompt in (False, True):
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        assert slow.text(slow.prepare(messages), generation_prompt, messages) == expected
+        assert fast.text(fast.prepare(messages), generation_prompt, messages) == expected

@@ -161,7 +161,17 @@ def test_optimize_device_cache_is_a_cpu_no_op(tiny_llama_path, tmp_path):
 def test_generate_filter_train_trains_on_accepted_replies_only(trainer):
     from sftune.generate_filter_train import generate_filter_train, training_example
 
+    tokenizer = trainer.tokenizer
     prompts = [[{"role": "user", "content": f"Say {w}."}] for w in ["red", "blue", "green"]]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")  # the template's end-of-turn
+    with torch.no_grad():  # replies end after a few tokens, as a trained model's do (some run out instead)
+        model = trainer.model
+        head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[end] = 6.0
+        model.lm_head = head
+    model.generation_config.eos_token_id = end
     seen, steps = [], []
     original_step = trainer.step
 
@@ -175,16 +185,33 @@ def test_generate_filter_train_trains_on_accepted_replies_only(trainer):
         seen.append((index, reply))
         return index != 1  # never accept anything for prompt 1
 
-    results = generate_filter_train(trainer, prompts, accept, rounds=2, samples_per_prompt=3, max_new_tokens=4,
+    results = generate_filter_train(trainer, prompts, accept, rounds=2, samples_per_prompt=3, max_new_tokens=6,
                                     evaluate=lambda model: 0.5)  # fmt: skip
     assert [r.round for r in results] == [0, 1, 2] and results[0].metric == 0.5
     assert all(r.generated == 9 for r in results[1:])
-    assert len(seen) >= 6
-    for result, kwargs in zip(results[1:], steps, strict=True):
+    assert 0 < len(seen) <= sum(r.generated - r.unfinished for r in results[1:])  # only finished replies offered
+    assert steps, "no round accepted a reply"
+    trained_steps = iter(steps)
+
+    def template_prompt(messages):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    for result in results[1:]:
+        if not result.accepted:
+            continue
+        kwargs = next(trained_steps)
         assert result.accepted == len(kwargs["input_ids"]) <= 2  # at most one reply per accepted prompt
         assert result.train_loss is not None
-    # The reply (and EOS) is trained; the prompt is not.
-    ids, labels = training_example(trainer.tokenizer, prompts[0], "red red")
+        for ids, labels in zip(kwargs["input_ids"], kwargs["labels"], strict=True):
+            # Exact: the template's inference prompt, then the sampled ids ending with the end-of-turn.
+            reply = [t for t in labels if t != -100]
+            prompt = ids[: len(ids) - len(reply)]
+            assert prompt in [template_prompt(p) for p in (prompts[0], prompts[2])]
+            assert reply[-1] == end and ids[len(prompt) :] == reply
+    # A gold reply written as text: trained as the template renders it, through its end-of-turn; the prompt is not.
+    ids, labels = training_example(tokenizer, prompts[0], "red red")
     trained = [t for t in labels if t != -100]
-    assert trainer.tokenizer.decode(trained) == "red red" + trainer.tokenizer.eos_token
+    rendered = tokenizer.apply_chat_template([*prompts[0], {"role": "assistant", "content": "red red"}], tokenize=False)
+    assert tokenizer.decode(trained) == "red red<|im_end|>" and "red red<|im_end|>" in rendered
     assert len(ids) == len(labels)
