@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftune import DataCollatorForCompletionOnlyLM, SFTConfig, SFTTrainer
 from sftune.compat import TRANSFORMERS_VERSION, dtype_kwargs
+from sftune.errors import DatasetFormatError
 from sftune.loss import HEAD_SCALES, IGNORE_INDEX, chunked_cross_entropy, enable_chunked_loss, supports_chunked_loss
 
 
@@ -208,17 +209,13 @@ def small_args(tmp_path, **overrides) -> SFTConfig:
 
 
 def test_assistant_less_conversation_trains_on(tiny_llama_path, tmp_path):
-    """assistant_only_loss=True, batch size 1: the row without an assistant turn adds no loss and no gradient."""
+    """assistant_only_loss=True, batch size 1: a row without an assistant turn adds no loss (a zero loss: zero gradients); a dataset
+    of only such rows has nothing to train and is refused before training."""
     talk = [{"messages": [{"role": "user", "content": "Say red."}, {"role": "assistant", "content": "red red."}]}]
     silent = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]}]
-    trainer = SFTTrainer(str(tiny_llama_path), args=small_args(tmp_path, assistant_only_loss=True, max_steps=2),
-                         train_dataset=Dataset.from_list(silent * 2))  # fmt: skip
-    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-    assert trainer.state.global_step == 2
-    assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == [0.0, 0.0]
-    for name, value in trainer.model.named_parameters():
-        assert torch.equal(value, before[name]), name  # AdamW with zero gradients and no weight decay: no change
+    with pytest.raises(DatasetFormatError, match="No row of the train dataset has a single token to train on"):
+        SFTTrainer(str(tiny_llama_path), args=small_args(tmp_path, assistant_only_loss=True, max_steps=2),
+                   train_dataset=Dataset.from_list(silent * 2))  # fmt: skip
     mixed = SFTTrainer(str(tiny_llama_path), args=small_args(tmp_path, assistant_only_loss=True),
                        train_dataset=Dataset.from_list(silent + talk + silent + talk))  # fmt: skip
     mixed.train()
