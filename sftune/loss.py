@@ -85,8 +85,8 @@ class CausalLMOutputWithTokenCounts(CausalLMOutputWithPast):
     subclass, so DDP, FSDP, DeepSpeed, accelerate's float32 output conversion and torch's pytree keep the fields.
     """
 
-    num_label_tokens: torch.LongTensor | None = None
-    num_correct_tokens: torch.LongTensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+    num_correct_tokens: torch.Tensor | None = None
 
 
 def token_counts(outputs: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
