@@ -66,20 +66,37 @@ CHECK_RTOL_LOW_PRECISION = 1e-2
 
 @dataclass
 class ChunkedLoss:
-    """Per-model settings and what the last chunked forward counted (read by SFTTrainer's accuracy metric)."""
+    """Per-model settings of the chunked loss. It holds no per-step results: those are on the forward's output."""
 
     chunk_size: int
     scale: float | None
     active: bool = True  # False after a failed first-step check: the model's own loss from then on
     checked: bool = False
     suspended: int = 0  # > 0 inside `model_own_loss()`
-    labelled: int = 0
-    correct: int = 0
 
-    def take_counts(self) -> tuple[int, int]:
-        counts = (self.labelled, self.correct)
-        self.labelled = self.correct = 0
-        return counts
+
+@dataclass
+class CausalLMOutputWithTokenCounts(CausalLMOutputWithPast):
+    """The chunked forward's output: the loss without logits, and what it counted while it had them.
+
+    `num_label_tokens`: the tokens that had a label (the loss's denominator when not given one);
+    `num_correct_tokens`: those whose label was the argmax prediction. Both are 0-dim int64 tensors on the model's
+    device (reading them does not synchronise with the device until the caller converts them). A `ModelOutput`
+    subclass, so DDP, FSDP, DeepSpeed, accelerate's float32 output conversion and torch's pytree keep the fields.
+    """
+
+    num_label_tokens: torch.Tensor | None = None
+    num_correct_tokens: torch.Tensor | None = None
+
+
+def token_counts(outputs: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(labelled, correct) token counts a forward returned on its output, or None when it returned none."""
+    labelled = getattr(outputs, "num_label_tokens", None)
+    correct = getattr(outputs, "num_correct_tokens", None)
+    if labelled is None or correct is None:
+        return None
+    # nn.DataParallel gathers a 0-dim tensor per device into a vector: the batch's count is their sum.
+    return labelled.sum(), correct.sum()
 
 
 def _linear_cross_entropy(hidden, weight, bias, targets, scale, chunk_size, wants=(False, False, False)):
@@ -194,7 +211,7 @@ def chunked_cross_entropy(
         denominator = denominator.to(total.device).clamp(min=1)
     else:
         denominator = max(denominator, 1)
-    return total / denominator, torch.tensor(count), correct
+    return total / denominator, torch.tensor(count, device=total.device), correct
 
 
 def call_as_forward(module: torch.nn.Module, function: Callable, *args: Any) -> Any:
@@ -296,9 +313,13 @@ def _forward_with_chunked_loss(original: Callable) -> Callable:
             state.chunk_size,
             state.scale,
         )
-        state.labelled += int(count)
-        state.correct += int(correct)
-        return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithTokenCounts(
+            loss=loss,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            num_label_tokens=count,
+            num_correct_tokens=correct,
+        )
 
     del forward.__wrapped__  # accelerate's unwrapping follows __wrapped__ and would strip this forward off
     forward.__signature__ = signature

@@ -264,3 +264,78 @@ def test_iterative_trainer_step_uses_the_chunked_loss(tiny_llama_path, tmp_path)
     assert trainer.model(input_ids=ids, labels=ids).logits is None
     stats = trainer.step(texts=["Say red: red red"], texts_labels=[" red red"])  # train on the suffix only
     assert stats["optimizer_steps"] == 1 and stats["loss"] > 0
+
+
+def test_chunked_forward_returns_its_token_counts_on_its_output():
+    """The counts come back with the loss (nothing kept on the model), equal to counts from the model's own logits,
+    and survive accelerate's float32 output conversion (what mixed precision wraps the forward in)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from sftune.loss import ChunkedLoss, token_counts
+
+    model = tiny_model("llama").train()
+    plain = tiny_model("llama").train()  # the same seed: the same weights, without the chunked loss
+    plain.load_state_dict(model.state_dict())
+    assert enable_chunked_loss(model, chunk_size=5) is not None
+    ids = torch.randint(3, 96, (3, 17))
+    labels = ids.clone()
+    labels[0, :6] = IGNORE_INDEX
+    labels[2, 9:] = IGNORE_INDEX
+    # Half the targets are the model's own argmax predictions, so that right and wrong both occur.
+    with torch.no_grad():
+        predicted = plain(input_ids=ids).logits.argmax(-1)
+    labels[1, 1::2] = predicted[1, 0:-1:2]
+    ids[1, 1::2] = predicted[1, 0:-1:2]
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits
+        out = convert_outputs_to_fp32(model.forward)(input_ids=ids, labels=labels)
+    assert out.logits is None
+    shifted = labels[:, 1:]
+    kept = shifted != IGNORE_INDEX
+    want_correct = int(((logits[:, :-1].argmax(-1) == shifted) & kept).sum())
+    assert want_correct > 0
+    labelled, correct = token_counts(out)
+    assert (int(labelled), int(correct)) == (int(kept.sum()), want_correct)
+    assert (out["num_label_tokens"], out["num_correct_tokens"]) == (labelled, correct)
+    assert not {"labelled", "correct"} & {f.name for f in ChunkedLoss.__dataclass_fields__.values()}
+    assert token_counts(plain(input_ids=ids, labels=labels)) is None  # a forward that counted nothing
+
+
+def test_logged_token_accuracy_equals_an_independent_count(tiny_llama_path, tmp_path):
+    """With learning rate 0 every step sees the initial weights, so the accuracy logged over one epoch (train) and by
+    evaluate() is the initial model's over all trained tokens, counted here from its own logits, row by row."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_path, **dtype_kwargs(torch.float32)).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(6):  # prompts of random tokens continued greedily: some tokens right, the prompt's mostly wrong
+        prompt = torch.randint(5, plain.config.vocab_size, (1, 5), generator=generator)
+        full = plain.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+        rows.append({"input_ids": full[0].tolist()})
+    args = small_args(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, learning_rate=0.0,
+                      logging_steps=3, per_device_eval_batch_size=4)  # fmt: skip
+    trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows))  # fmt: skip
+    assert trainer._chunked_loss is not None
+    correct = labelled = 0
+    for row in trainer.train_dataset:
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            predicted = plain(input_ids=ids).logits[0, :-1].argmax(-1)
+        trained = torch.tensor(row["loss_mask"][1:]).bool()
+        correct += int((predicted == ids[0, 1:])[trained].sum())
+        labelled += int(trained.sum())
+    assert 0 < correct < labelled
+    trainer.train()
+    logged = [e["mean_token_accuracy"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == [pytest.approx(correct / labelled, abs=1e-12)]
+    assert trainer.evaluate()["eval_mean_token_accuracy"] == pytest.approx(correct / labelled, abs=1e-12)
+
+
+def test_predict_returns_the_logits(tiny_llama_path, tmp_path):
+    """predict() wants the logits: the model's own forward gives them, never the chunked loss's counts."""
+    rows = [{"prompt": f"Say {w}:", "completion": f" {w} {w}"} for w in ["red", "blue", "green", "teal"]]
+    args = small_args(tmp_path, per_device_eval_batch_size=2, padding_free=False)
+    trainer = SFTTrainer(str(tiny_llama_path), args=args, train_dataset=Dataset.from_list(rows))
+    prediction = trainer.predict(trainer.train_dataset)
+    assert prediction.predictions.shape[0] == 4 and prediction.predictions.shape[-1] == trainer.model.config.vocab_size

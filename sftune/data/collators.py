@@ -1,6 +1,11 @@
 """Collators: turn tokenized rows into padded tensors with labels.
 
 Padding is found from each row's length, never from the pad id, so EOS stays in the loss when pad == eos.
+
+Collators do not know the model: they give 0/1 padding masks, and for rows holding several documents `position_ids`
+that restart at each document (plus, where the installed transformers does not isolate documents from those, a
+boolean block-diagonal mask, True where a token may attend). `mask_for_model` is the one place that fits a batch to
+a model's attention backend and dtype; sftune's trainers call it on every batch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..compat import position_ids_isolate_documents
 from ..constants import IGNORE_INDEX
 from .packing import best_fit_decreasing
 
@@ -59,14 +65,67 @@ def mask_for_attention(mask: torch.Tensor, attn_implementation: str | None, dtyp
 
 
 def mask_for_model(batch: dict[str, Any], model: Any) -> dict[str, Any]:
-    """`batch` with a boolean 4D attention mask converted for `model`'s attention backend (collators that do not know
-    the model, e.g. `DataCollatorForCompletionOnlyLM(padding_free=True)`, give boolean masks)."""
+    """`batch` fitted to `model`'s attention backend and dtype: the one place that does it for every collator.
+
+    Rows that hold several documents come with `position_ids` restarting at each one. flash-attention finds the
+    documents from those (its varlen kernel) and takes no 4D mask, so a collator's block-diagonal mask is dropped
+    there. Eager, SDPA and flex attention get the block-diagonal mask (built here from the positions when the
+    collator left it to transformers: its own detection is skipped whenever the model makes a KV cache, as it does
+    by default with `use_cache=True`), boolean for SDPA and additive in the model's dtype for eager and flex, which
+    add it to the scores. 2D padding masks pass unchanged."""
     mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+    positions = batch.get("position_ids")
+    attn_implementation, dtype = attention_of(model)
+    backend = attn_implementation or ""
+    is_block_mask = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+    if "flash" in backend:
+        if is_block_mask and positions is not None:
+            return {key: value for key, value in batch.items() if key != "attention_mask"}
         return batch
+    if mask is None and isinstance(positions, torch.Tensor) and positions.dim() == 2 and backend in MASKED_BACKENDS:
+        mask, is_block_mask = causal_mask_from_positions(positions), True
+    if not is_block_mask:
+        return batch
+    return {**batch, "attention_mask": mask_for_attention(mask, attn_implementation, dtype)}
+
+
+# Attention backends that read a 4D attention mask.
+MASKED_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+
+def causal_mask_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """A (batch, 1, length, length) boolean mask, causal inside each run of consecutive positions: a document of a
+    packed row. Padding (positions 0, 0, ...) makes one-token documents that attend only to themselves."""
+    first = position_ids[:, :1] - 1
+    documents = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
+def attention_of(model: Any) -> tuple[str | None, torch.dtype]:
+    """The attention backend and dtype of `model`, under DDP/DeepSpeed wrappers (`.module`) and PEFT."""
+    while getattr(model, "config", None) is None and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
     config = getattr(model, "config", None)
-    dtype = getattr(model, "dtype", torch.float32)
-    return {**batch, "attention_mask": mask_for_attention(mask, getattr(config, "_attn_implementation", None), dtype)}
+    return getattr(config, "_attn_implementation", None), getattr(model, "dtype", torch.float32)
+
+
+def mark_documents(batch: dict[str, Any], seq_lengths: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Give a batch whose rows hold several documents what keeps them apart, whatever model reads it.
+
+    `position_ids` restart at each document. Where transformers isolates documents from such `position_ids` (its
+    packed-sequence detection in a forward without KV cache, as in training; on every attention backend:
+    flash-attention's varlen kernel, and a block-diagonal mask it builds for SDPA, eager and flex), the batch carries
+    them alone, as TRL's collators do, and no attention mask. Where it does not (transformers 4.x), it also carries the
+    block-diagonal boolean mask, which `mask_for_model` fits to the model's backend."""
+    width = batch["input_ids"].shape[1]
+    batch["position_ids"] = position_ids_for(seq_lengths, width)
+    if position_ids_isolate_documents():
+        batch.pop("attention_mask", None)
+    else:
+        batch["attention_mask"] = block_causal_mask(seq_lengths, width)
+    return batch
 
 
 def position_ids_for(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
@@ -83,26 +142,35 @@ class DataCollatorForSFT:
     used as given, and a `loss_mask` beside them still removes tokens from the loss.
 
     Rows may hold several packed documents (`seq_lengths`); then positions restart at each document and
-    attention never crosses one: a block-diagonal mask for SDPA/eager/flex, position ids alone for flash-attention
-    (whose varlen kernel reads document boundaries from them).
+    attention never crosses one (see `mark_documents`).
 
     With `padding_free`, the examples of an unpacked batch are first placed into as few rows as fit its longest
     example. The batch trains on the same examples with the same loss (documents stay isolated), on far
     fewer padding tokens.
+
+    The output does not depend on the model: `mask_for_model(batch, model)` fits it to the model's attention backend
+    (sftune's trainers call it). `attn_implementation` and `dtype` are accepted for code written for earlier sftune
+    versions, and ignored.
     """
 
     def __init__(
         self,
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
-        attn_implementation: str | None = "sdpa",
-        dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
+        dtype: torch.dtype | None = None,
         padding_free: bool = False,
     ) -> None:
+        if attn_implementation is not None or dtype is not None:
+            warnings.warn(
+                "DataCollatorForSFT ignores attn_implementation and dtype: its batches suit any model, and "
+                "sftune.data.collators.mask_for_model(batch, model) fits their masks to a model's attention backend "
+                "(sftune's trainers do this). Remove these arguments.",
+                FutureWarning,
+                stacklevel=2,
+            )
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.attn_implementation = attn_implementation or "sdpa"
-        self.dtype = dtype  # of the additive mask eager attention needs
         self.padding_free = padding_free
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -112,7 +180,6 @@ class DataCollatorForSFT:
         ids = [f["input_ids"] for f in features]
         masks = [f.get("loss_mask") for f in features]
         input_ids = pad_rows(ids, self.pad_token_id, self.pad_to_multiple_of)
-        width = input_ids.shape[1]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for i, (row, mask) in enumerate(zip(ids, masks, strict=True)):
             given = features[i].get("labels")
@@ -134,13 +201,7 @@ class DataCollatorForSFT:
             for i, lengths in enumerate(seq_lengths):
                 starts = torch.as_tensor(list(lengths)).cumsum(0)[:-1]
                 labels[i, starts] = IGNORE_INDEX
-            batch["position_ids"] = position_ids_for(seq_lengths, width)
-            if self.attn_implementation.startswith("flash"):
-                return batch
-            batch["attention_mask"] = mask_for_attention(
-                block_causal_mask(seq_lengths, width), self.attn_implementation, self.dtype
-            )
-            return batch
+            return mark_documents(batch, seq_lengths)
         attention = torch.zeros_like(input_ids)
         for i, row in enumerate(ids):
             attention[i, : len(row)] = 1
@@ -157,22 +218,6 @@ def as_feature(feature: Any) -> Any:
     raise TypeError(
         f"A collator row must be a dict with input_ids or a list of token ids, got {type(feature).__name__}."
     )
-
-
-def padding_free_attention(batch: dict[str, Any]) -> dict[str, Any]:
-    """What a padding-free batch from a collator that does not know the model carries to keep documents apart.
-
-    Where transformers isolates documents from `position_ids` that restart at 0 (its packed-sequence detection in
-    a forward without KV cache, as in training; on every attention backend: flash-attention's varlen kernel, and a block-diagonal mask built for SDPA, eager and
-    flex), the batch carries `position_ids` alone, as TRL's does, and no attention mask: a 4D mask would take
-    flash-attention off its varlen path. Where it does not (transformers 4.x), `position_ids` isolate documents only
-    under flash-attention, so the batch also carries the block-diagonal boolean mask (sftune's trainers convert it
-    for eager attention)."""
-    from ..compat import position_ids_isolate_documents
-
-    if position_ids_isolate_documents():
-        batch.pop("attention_mask", None)
-    return batch
 
 
 def as_lists(feature: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +314,9 @@ class DataCollatorForCompletionOnlyLM:
             batch = collate([{"input_ids": row, "labels": target} for row, target in zip(ids, targets, strict=True)])
             batch.pop("num_tokens")
             batch["labels"] = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, self.ignore_index)
-            return padding_free_attention(batch)
+            if position_ids_isolate_documents():  # as TRL's padding-free batches: no attention mask
+                batch.pop("attention_mask", None)
+            return batch
         side = getattr(self.tokenizer, "padding_side", "right")
         input_ids = pad_rows(ids, pad_id, self.pad_to_multiple_of, side)
         labels = pad_rows(targets, self.ignore_index, self.pad_to_multiple_of, side)
@@ -351,7 +398,7 @@ class DataCollatorForLanguageModeling:
 
     With `padding_free=True` all rows of the batch are concatenated into one, `position_ids` restart at each row (or
     follow the rows' `seq_lengths` for packed rows) and the first token of each document is not a target; see
-    `padding_free_attention` for what keeps the documents apart on each attention backend.
+    `mark_documents` for what keeps the documents apart on each attention backend.
     """
 
     def __init__(
@@ -398,9 +445,7 @@ class DataCollatorForLanguageModeling:
         positions = position_ids_for(seq_lengths, width)
         if self.padding_free or any(len(lengths) > 1 for lengths in seq_lengths):
             batch["labels"][positions == 0] = IGNORE_INDEX  # a document's first token is not predicted across rows
-            batch["position_ids"] = positions
-            batch["attention_mask"] = block_causal_mask(seq_lengths, width)
-            return padding_free_attention(batch)
+            return mark_documents(batch, seq_lengths)
         batch["attention_mask"] = pad_rows([[1] * len(row) for row in ids], 0, self.pad_to_multiple_of)
         if self.return_position_ids:
             batch["position_ids"] = positions

@@ -1,7 +1,8 @@
 """Packing: put several tokenized examples in one row, keeping each example's boundaries.
 
-Packed rows carry `seq_lengths`; the collator turns them into restarting `position_ids` and an attention mask
-that never crosses a document, so a packed example is trained exactly as it would be alone.
+Packed rows carry `seq_lengths`; the collator turns them into restarting `position_ids`, and `mask_for_model` into
+the attention the model's backend reads, never crossing a document, so a packed example is trained exactly as it
+would be alone.
 """
 
 from __future__ import annotations

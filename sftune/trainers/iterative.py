@@ -77,10 +77,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
                 self.collate_seq2seq
                 if self.is_encoder_decoder
                 else DataCollatorForSFT(
-                    self.tokenizer.pad_token_id,
-                    attn_implementation=getattr(model.config, "_attn_implementation", None),
-                    dtype=getattr(model, "dtype", torch.float32),
-                    padding_free=compute_metrics is None and takes_packed_rows(model),
+                    self.tokenizer.pad_token_id, padding_free=compute_metrics is None and takes_packed_rows(model)
                 )
             )
         elif not self.is_encoder_decoder:
@@ -264,7 +261,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # The collator's token count is for statistics (step() reads it); the model's forward does not take it.
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
-        return super()._prepare_inputs(mask_for_model(inputs, self.model))
+        return mask_for_model(super()._prepare_inputs(inputs), self.model)
 
     def collate_seq2seq(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return {

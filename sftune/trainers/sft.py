@@ -19,7 +19,7 @@ from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.packing import pack_dataset
 from ..data.tokenize import TokenizeOptions, prepare_dataset
 from ..engines import start_deepspeed_communication, warn_if_fsdp_dropped
-from ..loss import enable_chunked_loss, model_own_loss
+from ..loss import enable_chunked_loss, model_own_loss, token_counts
 from ..memory import use_memory_efficient_mlp
 from ..models import (
     check_finite_weights,
@@ -126,13 +126,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
                 }
             else:
                 eval_dataset = prepare(eval_dataset, eval_packing, "eval")
-        if data_collator is None:
-            attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            dtype = getattr(model, "dtype", torch.float32)
+        if data_collator is None:  # model-agnostic rows; `_prepare_inputs` fits their masks to the model
             data_collator = DataCollatorForSFT(
                 text_tokenizer.pad_token_id,
-                attn_implementation=attn,
-                dtype=dtype,
                 padding_free=args.padding_free and compute_metrics is None and takes_packed_rows(model),
             )
 
@@ -152,8 +148,10 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self.model_id = model_id
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_tokens = {"train": 0, "eval": 0}
-        # (correct, labelled) tokens since the last log, summed over ranks when logged.
-        self._accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
+        # (correct, labelled) tokens since the last log (device tensors: no sync per step), summed over ranks when
+        # logged.
+        self._accuracy_counts: dict[str, list[Any]] = {"train": [0, 0], "eval": [0, 0]}
+        self._predicting = False  # inside prediction_step with predictions wanted: the loss over full logits
         scaled = getattr(self.accelerator, "scaler", None) is not None
         self._nonfinite_guard = NonFiniteGuard(
             args.on_nonfinite,
@@ -212,40 +210,48 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self._num_tokens[mode] += count_real_tokens(inputs)
         self._metrics[mode]["num_tokens"] = [float(self._num_tokens[mode])]
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
-        return super()._prepare_inputs(mask_for_model(inputs, self.model))
+        return mask_for_model(super()._prepare_inputs(inputs), self.model)
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> Any:
+        # Predictions (for compute_metrics, or predict()'s output) are the logits: computed in full then.
+        self._predicting = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._predicting = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        # The model computes the chunked loss in its forward (sftune.loss); evaluation whose metrics read the
-        # logits needs them in full.
-        needs_logits = return_outputs and not self.args.prediction_loss_only and self._reads_logits()
-        with model_own_loss(self._chunked_loss if needs_logits else None):
+        # The model computes the chunked loss in its forward (sftune.loss), without logits.
+        with model_own_loss(self._chunked_loss if self._predicting else None):
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         self._record_accuracy(mode, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _reads_logits(self) -> bool:
-        return self.compute_metrics is not None or self.preprocess_logits_for_metrics is not None
-
     @torch.no_grad()
     def _record_accuracy(self, mode: str, inputs: dict[str, Any], outputs: Any) -> None:
-        logits = outputs.get("logits") if isinstance(outputs, dict) else None
-        labels = inputs.get("labels")
-        counts = self._accuracy_counts[mode]
-        if logits is None and self._chunked_loss is not None:
-            total, correct = self._chunked_loss.take_counts()  # counted by the chunked loss in the forward
-            counts[0] += correct
-            counts[1] += total
-            return
-        if logits is None or labels is None or logits.dim() != 3:
-            return
+        """Add this forward's (correct, labelled) tokens: those its output carries (the chunked loss counts them
+        while it has each chunk's logits), else counted from its logits."""
+        counts = token_counts(outputs)
+        if counts is None:
+            logits = outputs.get("logits") if isinstance(outputs, dict) else None
+            counts = self._counts_from_logits(logits, inputs.get("labels"))
+        if counts is not None:
+            labelled, correct = counts
+            self._accuracy_counts[mode][0] += correct.detach()
+            self._accuracy_counts[mode][1] += labelled.detach()
+
+    def _counts_from_logits(self, logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not isinstance(logits, torch.Tensor) or labels is None or logits.dim() != 3:
+            return None
         if not self.model_is_encoder_decoder:
             logits, labels = logits[:, :-1], labels[:, 1:]
         mask = labels != IGNORE_INDEX
-        counts[0] += int(((logits.argmax(-1) == labels) & mask).sum())
-        counts[1] += int(mask.sum())
+        return mask.sum(), ((logits.argmax(-1) == labels) & mask).sum()
 
     @property
     def model_is_encoder_decoder(self) -> bool:

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sftune import DataCollatorForCompletionOnlyLM
+from sftune.data import collators
 from sftune.data.collators import IGNORE_INDEX, DataCollatorForSFT, block_causal_mask
 
 
@@ -26,22 +27,31 @@ def test_padding_is_ignored_and_eos_kept_when_pad_equals_eos(chatml):
     assert int(batch["num_tokens"].sum()) == 5
 
 
-def test_packed_rows_restart_positions_and_isolate_documents():
+@pytest.mark.parametrize("isolated_by_positions", [True, False])
+def test_packed_rows_restart_positions_and_isolate_documents(monkeypatch, isolated_by_positions):
+    # transformers 5 isolates documents from restarting position_ids; 4.x needs the block-diagonal mask too.
+    monkeypatch.setattr(collators, "position_ids_isolate_documents", lambda: isolated_by_positions)
     rows = [{"input_ids": [1, 2, 3, 4, 5], "loss_mask": [1] * 5, "seq_lengths": [3, 2]}, {"input_ids": [6, 7],
             "loss_mask": [1, 1], "seq_lengths": [2]}]  # fmt: skip
     batch = DataCollatorForSFT(pad_token_id=0)(rows)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
     # The first token of the second document is not predicted from the first document.
     assert batch["labels"].tolist() == [[1, 2, 3, IGNORE_INDEX, 5], [6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    if isolated_by_positions:
+        assert "attention_mask" not in batch
+        return
     mask = batch["attention_mask"][0, 0]
+    assert mask.dtype == torch.bool
     assert mask[4].tolist() == [False, False, False, True, True]  # token 5 sees only its own document
     assert mask[2].tolist() == [True, True, True, False, False]
 
 
-def test_flash_attention_gets_position_ids_instead_of_a_mask():
+def test_old_model_keywords_are_accepted_ignored_and_flagged():
     rows = [{"input_ids": [1, 2, 3], "loss_mask": [1] * 3, "seq_lengths": [1, 2]}]
-    batch = DataCollatorForSFT(pad_token_id=0, attn_implementation="flash_attention_2")(rows)
-    assert "attention_mask" not in batch and batch["position_ids"].tolist() == [[0, 0, 1]]
+    with pytest.warns(FutureWarning, match="ignores attn_implementation and dtype"):
+        old = DataCollatorForSFT(pad_token_id=0, attn_implementation="eager", dtype=torch.bfloat16)(rows)
+    new = DataCollatorForSFT(pad_token_id=0)(rows)
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
 
 
 def test_block_causal_mask_padding_rows_are_not_empty():

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from sftune.compat import dtype_kwargs
-from sftune.data.collators import IGNORE_INDEX, DataCollatorForSFT
+from sftune.data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from sftune.data.packing import best_fit_decreasing, pack_dataset
 
 
@@ -65,7 +65,8 @@ def test_packing_drops_and_duplicates_no_token(strategy):
 def per_token_losses(model, batch) -> list[torch.Tensor]:
     """Loss of every trained token, row by row, in order."""
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}).logits
+        inputs = mask_for_model({k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}, model)
+        logits = model(**inputs).logits
     labels = batch["labels"][:, 1:]
     losses = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
@@ -81,7 +82,7 @@ def test_packed_batch_gives_each_example_the_loss_it_has_alone(tiny_llama_path, 
     model.eval()
     rows = random_rows(12, seed=3, vocab=model.config.vocab_size)
     packed = pack_dataset(Dataset.from_list(rows), 96, "bfd")
-    collator = DataCollatorForSFT(pad_token_id=0, attn_implementation=attn)
+    collator = DataCollatorForSFT(pad_token_id=0)
     packed_losses = torch.cat(per_token_losses(model, collator(list(packed))))
     # The same documents, in the same order, each run alone.
     documents = []
@@ -103,7 +104,7 @@ def test_packed_batch_gives_each_example_the_loss_it_has_alone(tiny_llama_path, 
 def test_mean_loss_is_the_same_packed_and_unpacked(tiny_llama_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, **dtype_kwargs(torch.float32)).eval()
     rows = random_rows(10, seed=4, vocab=model.config.vocab_size)
-    collator = DataCollatorForSFT(pad_token_id=0, attn_implementation="sdpa")
+    collator = DataCollatorForSFT(pad_token_id=0)
     unpacked = torch.cat(per_token_losses(model, collator(rows)))
     packed = torch.cat(per_token_losses(model, collator(list(pack_dataset(Dataset.from_list(rows), 128)))))
     # Token-averaged: every trained token counts once either way, except each document's first token,

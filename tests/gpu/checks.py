@@ -25,6 +25,7 @@ import torch
 from datasets import Dataset
 
 from sftune import DataCollatorForSFT
+from sftune.data.collators import mask_for_model
 from sftune.data.packing import pack_dataset
 
 IGNORE_INDEX = -100
@@ -48,13 +49,9 @@ def pack(documents: Sequence[dict], max_length: int) -> list[dict]:
 
 
 def collator_for(model: Any, padding_free: bool = False) -> DataCollatorForSFT:
-    """The collator SFTTrainer builds for this model (pad id 0: padding is known by position, never by id)."""
-    return DataCollatorForSFT(
-        pad_token_id=0,
-        attn_implementation=model.config._attn_implementation,
-        dtype=model.dtype,
-        padding_free=padding_free,
-    )
+    """The collator SFTTrainer builds for this model (pad id 0: padding is known by position, never by id); its
+    batches suit any model, and `mask_for_model` fits them to this one, as the trainers do."""
+    return DataCollatorForSFT(pad_token_id=0, padding_free=padding_free)
 
 
 def document_spans(batch: dict[str, torch.Tensor]) -> list[tuple[int, int, int]]:
@@ -75,7 +72,7 @@ def document_losses(model: Any, batch: dict[str, torch.Tensor]) -> dict[tuple[in
     """Float32 cross-entropy of every trained token (logits upcast before the softmax), per document, keyed by
     the document's tokens; padding positions come out as documents of pad ids, which no caller asks for."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    inputs = mask_for_model({k: v.to(device) for k, v in batch.items() if k not in ("labels", "num_tokens")}, model)
     with torch.no_grad():
         logits = model(**inputs).logits.float()
     labels = batch["labels"].to(device)
@@ -220,7 +217,7 @@ def lora_run(model_path: Any, output_dir: Any, model_config: Any, **overrides: A
 def eval_loss(model: Any, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None) -> float:
     """The model's own loss on one batch, in eval mode (no dropout), under autocast when a dtype is given."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "num_tokens"}
+    inputs = mask_for_model({k: v.to(device) for k, v in batch.items() if k != "num_tokens"}, model)
     model.eval()
     with (
         torch.no_grad(),
