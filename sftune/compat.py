@@ -297,8 +297,10 @@ def accept_positional_processor_call(processor: Any) -> Any:
 @functools.cache
 def position_ids_isolate_documents() -> bool:
     """The installed transformers builds a block-diagonal causal mask from `position_ids` that restart at 0 when no
-    attention mask is given (its packed-sequence detection, every attention backend), so a padding-free batch needs
-    only `position_ids` to keep its documents apart."""
+    attention mask is given (its packed-sequence detection) - but only when the forward builds no KV cache: on 5.25
+    a forward with the default `use_cache=True` lets packed documents attend to each other (logits 0.58 apart on a
+    tiny Llama). So this decides only what a collator emits; sftune's trainers build the mask themselves
+    (`collators.mask_for_model`), and code that trains on position_ids alone must pass `use_cache=False`."""
     try:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
     except ImportError:
