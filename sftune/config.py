@@ -167,6 +167,13 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
             "choices": ["split", "error"],
         },
     )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Extra keyword arguments of the chat template for every row, e.g. {"enable_thinking": false} '
+            "(a row's own `chat_template_kwargs` column wins)."
+        },
+    )
     padding_free: bool = field(
         default=True,
         metadata={
@@ -200,6 +207,7 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         no_step_checkpoints_for_zero(self)
         self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
+        self.chat_template_kwargs = _maybe_json(self.chat_template_kwargs, "chat_template_kwargs")
         validate_numeric_fields(self)
         if self.max_length is not None and self.max_seq_length is not None and self.max_length != self.max_seq_length:
             raise ValueError(
