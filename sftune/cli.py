@@ -2,7 +2,7 @@
 
     sftune sft --config recipe.yaml [--any_SFTConfig_or_ModelConfig_field value ...]
     sftune eval --model PATH --dataset test.jsonl
-    sftune preview --model PATH --dataset train.jsonl [--config recipe.yaml]
+    sftune preview --model PATH --dataset train.jsonl [--config recipe.yaml] [--any_SFTConfig_field value ...]
     sftune iterate --config recipe.yaml [--resume] [--any_recipe_field value ...]
 
 Every field of SFTConfig, ModelConfig and ScriptArguments is a flag; a YAML file gives defaults and the command
@@ -355,20 +355,26 @@ def run_eval(argv: list[str]) -> float:
     return accuracy
 
 
-def run_preview(argv: list[str]) -> None:
-    """Show what rows become: the tokens the model sees, with the trained ones marked."""
+def run_preview(argv: list[str]) -> list[dict[str, Any]]:
+    """Show what rows become: the tokens the model sees, with the trained ones marked. A recipe (--config, and any
+    `sftune sft` flag) is read exactly as `sftune sft` reads it, so the rows shown are the ones it trains."""
     parser = argparse.ArgumentParser(prog="sftune preview", description=run_preview.__doc__)
-    parser.add_argument("--model", required=True, help="model or tokenizer path/id")
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", default=None, help="model or tokenizer path/id (default: the recipe's model)")
+    parser.add_argument("--dataset", default=None, help="data file or name (default: the recipe's dataset_name)")
     parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML recipe (dataset and loss options are read from it)",
-    )
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    args = parser.parse_args(argv)
-    preview_rows(args.model, args.dataset, args.rows, args.config, args.color)
+    args, rest = parser.parse_known_args(argv)
+    # --config and every other flag: `sftune sft`'s own parsing, its defaults and checks.
+    script_args, sft_args, model_args = parse_sft_args(rest)
+    model = args.model or model_args.model_name_or_path
+    dataset = args.dataset or script_args.dataset_name
+    if not model:
+        raise UsageError("Give the model: --model PATH_OR_ID (or model_name_or_path in the --config recipe).")
+    if not dataset:
+        raise UsageError("Give the data: --dataset FILE_OR_NAME (or dataset_name in the --config recipe).")
+    return preview_rows(
+        model, dataset, args.rows, sft_args, args.color, script_args.dataset_config, script_args.dataset_train_split
+    )
 
 
 def run_iterate(argv: list[str]) -> list[dict[str, Any]]:

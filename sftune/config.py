@@ -74,8 +74,72 @@ def bf16_field() -> Any:
     )
 
 
+NONFINITE_MODES = ("stop", "skip")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def truncation_mode_field(default: str) -> Any:
+    """`truncation_mode`, whose default is each TRL config's own: SFTConfig keeps the start, IterativeSFTConfig the
+    end (a fresh Field each: dataclasses write into it)."""
+    return field(
+        default=default,
+        metadata={
+            "help": "Which part of an over-long example to keep: 'keep_start' (drop tokens from the end) or "
+            "'keep_end' (drop tokens from the start)."
+        },
+    )
+
+
 @dataclass
-class SFTConfig(TrainingArgumentsWithLegacyNames):
+class SharedTrainingConfig(TrainingArgumentsWithLegacyNames):
+    """The fields SFTConfig and IterativeSFTConfig share, declared and checked once, and the checks both run:
+    TRL's legacy argument names, numbers a user can get wrong, and the machine's defaults (bf16, CPU
+    processes). A config adds its own checks in `check_own_fields`."""
+
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
+    truncation_mode: str = truncation_mode_field("keep_start")
+    bf16: bool | None = bf16_field()
+    average_tokens_across_devices: bool = average_tokens_field()
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "When a step's loss or gradient norm is NaN/inf: 'stop' with an error (the default), or "
+            "'skip' the step and count it."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
+            "(0: the model's own loss over full logits)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        apply_legacy_arguments(self)
+        no_step_checkpoints_for_zero(self)
+        self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
+        validate_numeric_fields(self)
+        self.check_own_fields()
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
+        apply_machine_defaults(self)
+        with mixed_precision_env_of_this_config():
+            super().__post_init__()
+
+    def check_own_fields(self) -> None:
+        """A config's own fields, normalised and checked before the shared checks."""
+
+
+@dataclass
+class SFTConfig(SharedTrainingConfig):
     """Arguments of `SFTTrainer`: every `TrainingArguments` field plus the SFT-specific ones below.
 
     Field names and defaults follow TRL's `SFTConfig`; TRL's later names are accepted too
@@ -92,8 +156,6 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         default="text",
         metadata={"help": "Column holding the text, for plain-text datasets."},
     )
-    bf16: bool | None = bf16_field()
-    average_tokens_across_devices: bool = average_tokens_field()
     packing: bool = field(
         default=False,
         metadata={"help": "Pack several examples into each row of the batch."},
@@ -116,19 +178,11 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         metadata={"help": "Longest tokenized sequence. Defaults to min(tokenizer.model_max_length, 1024)."},
     )
     max_length: int | None = field(default=None, metadata={"help": "Newer name of `max_seq_length`."})
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={"help": "Which part of an over-long example to keep: 'keep_start' or 'keep_end'."},
-    )
     dataset_num_proc: int | None = field(
         default=None,
         metadata={"help": "Processes used to tokenize the dataset (None: this process)."},
     )
     dataset_batch_size: int = field(default=1000, metadata={"help": "Examples tokenized per batch."})
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
-    )
     dataset_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={
@@ -172,6 +226,13 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
             "choices": ["split", "error"],
         },
     )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Extra keyword arguments of the chat template for every row, e.g. {"enable_thinking": false} '
+            "(a row's own `chat_template_kwargs` column wins)."
+        },
+    )
     padding_free: bool = field(
         default=True,
         metadata={
@@ -183,29 +244,11 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         default=True,
         metadata={"help": "Fused SwiGLU and RMSNorm that keep fewer activations for backward (same results)."},
     )
-    loss_chunk_size: int = field(
-        default=1024,
-        metadata={
-            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
-            "(0: the model's own loss over full logits)."
-        },
-    )
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial AdamW learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
-    on_nonfinite: str = field(
-        default="stop",
-        metadata={
-            "help": "When a step's loss or gradient norm is NaN/inf: 'stop' with an error (the default), or "
-            "'skip' the step and count it."
-        },
-    )
 
-    def __post_init__(self) -> None:
-        apply_legacy_arguments(self)
-        no_step_checkpoints_for_zero(self)
-        self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
+    def check_own_fields(self) -> None:
         self.dataset_kwargs = _maybe_json(self.dataset_kwargs, "dataset_kwargs")
-        validate_numeric_fields(self)
+        self.chat_template_kwargs = _maybe_json(self.chat_template_kwargs, "chat_template_kwargs")
         if self.max_length is not None and self.max_seq_length is not None and self.max_length != self.max_seq_length:
             raise ValueError(
                 f"max_length={self.max_length} and max_seq_length={self.max_seq_length} are the same setting "
@@ -214,15 +257,8 @@ class SFTConfig(TrainingArgumentsWithLegacyNames):
         if self.max_seq_length is None:
             self.max_seq_length = self.max_length
         self.max_length = self.max_seq_length
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}.")
-        apply_machine_defaults(self)
-        with mixed_precision_env_of_this_config():
-            super().__post_init__()
 
     @property
     def dataset_options(self) -> dict[str, Any]:
@@ -430,50 +466,12 @@ def _maybe_json(value: Any, name: str) -> Any:
 
 
 @dataclass
-class IterativeSFTConfig(TrainingArgumentsWithLegacyNames):
-    """Arguments of `IterativeSFTTrainer`: every `TrainingArguments` field plus the ones below."""
+class IterativeSFTConfig(SharedTrainingConfig):
+    """Arguments of `IterativeSFTTrainer`: every `TrainingArguments` field, the ones it shares with SFTConfig
+    (`SharedTrainingConfig`: max_length, here without a default limit, truncation_mode, on_nonfinite, ...) and
+    the ones below."""
 
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments of `from_pretrained` when the model is given by name or path."},
-    )
-    max_length: int | None = field(default=None, metadata={"help": "Longest sequence, in tokens, after truncation."})
-    bf16: bool | None = bf16_field()
-    average_tokens_across_devices: bool = average_tokens_field()
-    truncation_mode: str = field(
-        default="keep_end",
-        metadata={"help": "'keep_end': drop tokens from the start; 'keep_start': drop tokens from the end."},
-    )
+    truncation_mode: str = truncation_mode_field("keep_end")  # TRL's IterativeSFTConfig keeps the end
     optimize_device_cache: bool = field(
         default=False, metadata={"help": "Free cached accelerator memory after every step (a no-op on CPU)."}
     )
-    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
-    on_nonfinite: str = field(
-        default="stop",
-        metadata={
-            "help": "When a step's loss or gradient norm is NaN/inf: 'stop' with an error (the default), or "
-            "'skip' the step and count it."
-        },
-    )
-    loss_chunk_size: int = field(
-        default=1024,
-        metadata={
-            "help": "Compute the loss over this many tokens at a time, never holding the full logits "
-            "(0: the model's own loss over full logits)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        apply_legacy_arguments(self)
-        no_step_checkpoints_for_zero(self)
-        self.model_init_kwargs = _maybe_json(self.model_init_kwargs, "model_init_kwargs")
-        validate_numeric_fields(self)
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
-        if self.truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {self.truncation_mode!r}.")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}.")
-        apply_machine_defaults(self)
-        with mixed_precision_env_of_this_config():
-            super().__post_init__()

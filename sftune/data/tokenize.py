@@ -1,4 +1,4 @@
-"""Tokenize segments into `input_ids` and a `loss_mask`, truncate, and run this over a whole dataset.
+"""Tokenize segments into `input_ids` and a `loss_mask`, fit them to max_length, and run this over a whole dataset.
 
 A row's segments concatenate to one text, which is tokenized as one string: tokenizing pieces separately is not
 tokenizing the text (SentencePiece adds `▁` at each piece start; byte-level BPE cannot merge across a cut). The
@@ -102,12 +102,9 @@ def tokenize_rows(
     rows: list[tuple[Segments, bool]],
     tokenizer: Any,
     options: TokenizeOptions,
-    first_row: int,
-    row_numbers: list[int] | None = None,
 ) -> dict[str, list[list[int]]]:
-    """Tokenize many rows (segments, is_raw_text) in a few batched tokenizer calls; `input_ids` and `loss_mask`.
-
-    Errors name row `first_row + i`, or `row_numbers[i]` where given (when rows expand into several examples).
+    """Tokenize many rows (segments, is_raw_text) in a few batched tokenizer calls; `input_ids` and `loss_mask`,
+    whole (`fit` then decides what of them fits max_length).
 
     Each row's text (its segments joined) is tokenized as one string with `add_special_tokens=False`, which is
     what `apply_chat_template(tokenize=True)` does, so a conversation's ids equal the template's by construction.
@@ -153,7 +150,6 @@ def tokenize_rows(
                 mask.append(1)
             ids += suffix
             mask += [0] * len(suffix)
-        ids, mask = truncate(ids, mask, options, row_numbers[offset] if row_numbers else first_row + offset)
         all_ids.append(ids)
         all_masks.append(mask)
     return {"input_ids": all_ids, "loss_mask": all_masks}
@@ -222,27 +218,6 @@ def prompt_then_completion(
     return prompt + tail, [int(trainable[0])] * len(prompt) + [int(any(trainable[1:]))] * len(tail)
 
 
-def kept_slice(length: int, limit: int, truncation_mode: str) -> slice:
-    """The part of a `length`-token sequence that truncation to `limit` tokens keeps."""
-    return slice(None, limit) if truncation_mode == "keep_start" else slice(max(length - limit, 0), None)
-
-
-def truncate(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> tuple[list[int], list[int]]:
-    limit = options.max_length
-    if limit is None or len(ids) <= limit:
-        return ids, mask
-    kept = kept_slice(len(ids), limit, options.truncation_mode)
-    kept_mask = mask[kept]
-    if any(mask) and not any(kept_mask):
-        prompt_tokens = mask.index(1) if options.truncation_mode == "keep_start" else len(ids) - limit
-        raise DatasetFormatError(
-            f"Row {row}: the prompt alone is {prompt_tokens} tokens, so nothing it trains on fits in max_length="
-            f"{limit}. Raise max_length (max_seq_length), shorten the prompt, or drop the row "
-            "(e.g. dataset.filter(...))."
-        )
-    return ids[kept], kept_mask
-
-
 def make_tokenize_function(
     fmt: str,
     tokenizer: Any,
@@ -281,7 +256,7 @@ def make_tokenize_function(
             numbers += [row] * len(made)  # one row can give several examples
             apart += [stats.apart_turns] + [0] * (len(made) - 1)
             reasons += [stats.reasons] + [0] * (len(made) - 1)
-        out = tokenize_rows(rows, tokenizer, options, indices[0], numbers)
+        out = tokenize_rows(rows, tokenizer, options)
         out[SOURCE_ROW] = numbers
         out[APART_TURNS] = apart
         out[APART_REASONS] = reasons
@@ -342,8 +317,7 @@ def pretokenized_function(
                     "Tokenize the data with the model's own tokenizer."
                 )
             mask = list(masks[i]) if masks is not None else [1] * len(ids)
-            ids, mask = truncate(list(ids), mask, options, indices[i])
-            out_ids.append(ids)
+            out_ids.append(list(ids))
             out_masks.append(mask)
         out = {"input_ids": out_ids, "loss_mask": out_masks}
         if batch.get("labels") is not None:  # the caller's own labels, kept beside the ids they belong to
@@ -361,8 +335,10 @@ def prepare_dataset(
     num_proc: int | None = None,
     batch_size: int = 1000,
     name: str = "train",
+    keep_source_rows: bool = False,
 ) -> Any:
-    """Turn a `datasets.Dataset` or `IterableDataset` of any supported format into `input_ids` + `loss_mask`."""
+    """Turn a `datasets.Dataset` or `IterableDataset` of any supported format into `input_ids` + `loss_mask`
+    (and, with `keep_source_rows`, `_source_row`: the row each example came from; map datasets only)."""
     from datasets import Dataset
 
     is_map_style = isinstance(dataset, Dataset)
@@ -373,15 +349,14 @@ def prepare_dataset(
     if fmt == formats.SHAREGPT:
         dataset, columns, fmt = _sharegpt_as_messages(dataset, columns, is_map_style), ["messages"], formats.MESSAGES
     # Rows are tokenized whole, then fitted to max_length by `fit_to_max_length`, where what is cut is counted.
-    whole = dataclasses.replace(options, max_length=None)
     if fmt == formats.TOKENIZED:
-        function = pretokenized_function(whole, len(tokenizer))
+        function = pretokenized_function(options, len(tokenizer))
     else:
         batched_func = False
         if formatting_func is not None:
             first = dataset[0] if is_map_style else next(iter(dataset))
             batched_func = formats.formatting_func_is_batched(formatting_func, first)
-        function = make_tokenize_function(fmt, tokenizer, whole, formatting_func, batched_func)
+        function = make_tokenize_function(fmt, tokenizer, options, formatting_func, batched_func)
     map_kwargs: dict[str, Any] = {
         "batched": True,
         "batch_size": batch_size,
@@ -391,16 +366,19 @@ def prepare_dataset(
     if is_map_style:
         map_kwargs.update(num_proc=num_proc, desc=f"Tokenizing {name} dataset ({fmt})")
     logger.info("Preparing the %s dataset: format %s", name, fmt)
-    stream_report = None if is_map_style else StreamTruncationReport(name, options)
+    stream_report = None if is_map_style else StreamReport(name, options)
     prepared = dataset.map(fit_to_max_length(function, options, stream_report), **map_kwargs)
     if is_map_style:
         table = prepared.with_format("arrow")[:]
         dropped = table.column(DROPPED)
-        report_truncation(name, options, pc.sum(pc.greater(dropped, 0)).as_py(), pc.sum(dropped).as_py() or 0)
+        report = TruncationReport(f"the {name} dataset", options)
+        report.add(pc.sum(pc.greater(dropped, 0)).as_py(), pc.sum(dropped).as_py() or 0)
+        report.warn()
         apart, why = table.column(APART_TURNS), table.column(APART_REASONS)
         report_turns_apart(name, pc.sum(pc.greater(apart, 0)).as_py(), pc.sum(apart).as_py() or 0, why, options)
         require_trained_tokens(name, table.column("loss_mask"), options)
-        prepared = prepared.remove_columns([DROPPED, APART_TURNS, APART_REASONS])
+        internal = [DROPPED, APART_TURNS, APART_REASONS] + ([] if keep_source_rows else [SOURCE_ROW])
+        prepared = prepared.remove_columns(internal)
     return prepared
 
 
@@ -463,7 +441,7 @@ def _sharegpt_as_messages(dataset: Any, columns: list[str], is_map_style: bool) 
 def fit_to_max_length(
     function: Callable[[dict[str, list], list[int]], dict[str, list]],
     options: TokenizeOptions,
-    stream_report: StreamTruncationReport | None = None,
+    stream_report: StreamReport | None = None,
 ) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
     """Wrap a tokenize function so that every row fits in `options.max_length`: truncated (recording how many tokens
     were dropped, in a `_tokens_dropped` column, or in `stream_report` for streams) or split into pieces."""
@@ -474,11 +452,12 @@ def fit_to_max_length(
         counts = {key: whole.pop(key, None) or [0] * len(rows) for key in (APART_TURNS, APART_REASONS)}
         keys = list(whole)  # input_ids, loss_mask and maybe labels: all per token
         out: dict[str, list] = {key: [] for key in keys}
-        dropped = []
+        dropped, sources = [], []
         per_example: dict[str, list] = {key: [] for key in counts}
         for i, row in enumerate(rows):
             ids = whole["input_ids"][i]
-            pieces = fitting_slices(ids, whole["loss_mask"][i], options, row)
+            pieces = fit(ids, whole["loss_mask"][i], options, row)
+            sources += [row] * len(pieces)
             for piece in pieces:
                 for key in keys:
                     out[key].append(whole[key][i][piece])
@@ -493,43 +472,88 @@ def fit_to_max_length(
                     stream_report.record_turns(row, counts[APART_TURNS][i], counts[APART_REASONS][i])
         if stream_report is None:
             out[DROPPED] = dropped
+            out[SOURCE_ROW] = sources
             out.update(per_example)
         return out
 
     return fitted
 
 
-def fitting_slices(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> list[slice]:
-    """The parts of an example that fit in `options.max_length`: all of it, `max_length` pieces
-    (`overlong="split"`), or the side `truncation_mode` keeps (refusing a row left with nothing to train on)."""
+def fit(ids: list[int], mask: list[int], options: TokenizeOptions, row: int) -> list[slice]:
+    """What of an example fits in `options.max_length`: all of it, `max_length` pieces (`overlong="split"`), or the
+    side `truncation_mode` keeps. A row whose kept side trains nothing while the row does (its prompt alone fills
+    max_length) is refused, naming the row: it would train on nothing, silently.
+
+    The one place that decides this, for SFTTrainer (map and streamed datasets), IterativeSFTTrainer.step and
+    `sftune preview`; what it drops is reported by `TruncationReport`."""
     limit = options.max_length
     if limit is None or len(ids) <= limit:
         return [slice(None)]
     if options.overlong == "split":
         return [slice(start, start + limit) for start in range(0, len(ids), limit)]
-    truncate(ids, mask, options, row)
-    return [kept_slice(len(ids), limit, options.truncation_mode)]
+    keep_start = options.truncation_mode == "keep_start"
+    kept = slice(None, limit) if keep_start else slice(len(ids) - limit, None)
+    if any(mask) and not any(mask[kept]):
+        prompt_tokens = mask.index(1) if keep_start else len(ids) - limit
+        raise DatasetFormatError(
+            f"Row {row}: the prompt alone is {prompt_tokens} tokens, so nothing it trains on fits in max_length="
+            f"{limit}. Raise max_length (max_seq_length), shorten the prompt, or drop the row "
+            "(e.g. dataset.filter(...))."
+        )
+    return [kept]
 
 
-def report_truncation(name: str, options: TokenizeOptions, examples: int, tokens: int) -> None:
-    if examples:
+SFT_TRUNCATION_FIX = "Raise max_length, or with packing=True use packing_strategy='bfd_split' to train on every token."
+
+
+class TruncationReport:
+    """Counts the examples and tokens that fitting to max_length (`fit`) dropped, and says so in one message format:
+    once per map dataset (with its totals), and at the first cut for streams and `IterativeSFTTrainer.step` (whose
+    later cuts are only counted, in `examples` and `tokens`)."""
+
+    def __init__(self, name: str, options: TokenizeOptions, fix: str = SFT_TRUNCATION_FIX, later: str = "") -> None:
+        self.name, self.options, self.fix, self.later = name, options, fix, later
+        self.examples, self.tokens, self.warned = 0, 0, False
+
+    def add(self, examples: int, tokens: int) -> None:
+        self.examples += examples
+        self.tokens += tokens
+
+    def warn(self, first_row: int | None = None) -> None:
+        """Log what has been dropped so far (nothing if nothing was)."""
+        if not self.examples:
+            return
+        self.warned = True
+        where = f", the first at row {first_row}" if first_row is not None else ""
         logger.warning(
-            "Truncation dropped %d tokens from %d examples of the %s dataset that are longer than max_length=%d "
-            "(truncation_mode=%s). Raise max_length, or with packing=True use packing_strategy='bfd_split' to "
-            "train on every token.",
-            tokens,
-            examples,
-            name,
-            options.max_length,
-            options.truncation_mode,
+            "Truncation dropped %d tokens from %d examples of %s longer than max_length=%d (truncation_mode=%s%s).%s "
+            "%s",
+            self.tokens,
+            self.examples,
+            self.name,
+            self.options.max_length,
+            self.options.truncation_mode,
+            where,
+            f" {self.later}" if self.later else "",
+            self.fix,
         )
 
+    def add_and_warn_once(self, examples: int, tokens: int, first_row: int | None = None) -> None:
+        """Count a cut; warn at the first one only (streams and step(), whose end is not known)."""
+        already = self.warned
+        self.add(examples, tokens)
+        if not already:
+            self.warn(first_row)
 
-class StreamTruncationReport:
-    """For streamed data, whose length is unknown in advance: warn at the first truncated example, once."""
+
+class StreamReport:
+    """For streamed data, whose length is unknown in advance: say at the first truncated example and the first
+    conversation with turns rendered apart, once each; later ones are counted (`truncation`)."""
 
     def __init__(self, name: str, options: TokenizeOptions) -> None:
-        self.name, self.options, self.warned, self.told_turns = name, options, False, False
+        self.name, self.told_turns = name, False
+        later = "Later over-long examples are cut the same way, without another warning."
+        self.truncation = TruncationReport(f"the streamed {name} dataset", options, later=later)
 
     def record_turns(self, row: int, turns: int, bits: int) -> None:
         if not self.told_turns and turns:
@@ -543,14 +567,4 @@ class StreamTruncationReport:
             )
 
     def record(self, row: int, tokens: int) -> None:
-        if not self.warned:
-            self.warned = True
-            logger.warning(
-                "Truncation dropped %d tokens from example %d of the streamed %s dataset (longer than max_length=%d); "
-                "later over-long examples are cut the same way. Raise max_length, or with packing=True use "
-                "packing_strategy='bfd_split' to train on every token.",
-                tokens,
-                row,
-                self.name,
-                self.options.max_length,
-            )
+        self.truncation.add_and_warn_once(1, tokens, row)

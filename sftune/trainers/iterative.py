@@ -27,7 +27,8 @@ from ..config import IterativeSFTConfig, train_without_evaluation_data, trainer_
 from ..data import formats
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model, pad_rows
 from ..data.formats import Segments
-from ..data.tokenize import TokenizeOptions, fitting_slices, kept_slice, tokenize_rows
+from ..data.pipeline import pipeline_options
+from ..data.tokenize import TruncationReport, fit, tokenize_rows
 from ..engines import start_deepspeed_communication
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
@@ -115,8 +116,14 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         )  # fmt: skip
         self._pending: dict[str, float] = {"loss": 0.0, "steps": 0, "tokens": 0}
         self.num_tokens = 0
-        self.truncated = {"examples": 0, "tokens": 0}
-        self._truncation_reported = False
+        # What step() feeds the data pipeline: max_length and truncation_mode, the one mapping SFTTrainer uses.
+        self.options = pipeline_options(args, self.tokenizer)
+        self.truncation = TruncationReport(
+            "step()'s examples",
+            self.options,
+            fix="Raise max_length, or pass shorter examples.",
+            later="Later truncation is counted in trainer.truncated and in step()'s num_truncated_tokens.",
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # Schedule
@@ -216,7 +223,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         for i, text in enumerate(texts):
             target = text if texts_labels is None else texts_labels[i]
             rows.append((text_and_target_segments(text, target, i), True))
-        tokens = tokenize_rows(rows, self.tokenizer, TokenizeOptions(max_length=None), first_row=0)
+        tokens = tokenize_rows(rows, self.tokenizer, self.options)
         return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(tokens["input_ids"], tokens["loss_mask"])]
 
     def _seq2seq_examples_from_texts(self, texts, texts_labels) -> list[dict[str, list[int]]]:
@@ -227,35 +234,27 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
         inputs, targets = self.tokenizer(list(texts))["input_ids"], self.tokenizer(list(texts_labels))["input_ids"]
         return [{"input_ids": x, "attention_mask": [1] * len(x), "labels": y} for x, y in zip(inputs, targets)]
 
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Examples and tokens that step() has cut to max_length so far."""
+        return {"examples": self.truncation.examples, "tokens": self.truncation.tokens}
+
     def fit_to_max_length(self, examples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
-        """Cut examples to `max_length` on the `truncation_mode` side, as SFTTrainer does; say once what was cut."""
-        limit = self.args.max_length
-        if limit is None:
-            return examples
+        """Cut examples to `max_length` on the `truncation_mode` side with SFTTrainer's fitter; say once what was cut."""
         out, cut, dropped = [], 0, 0
         for i, example in enumerate(examples):
-            length = len(example["input_ids"])
-            if length <= limit:
-                out.append(example)
-                continue
-            if self.is_encoder_decoder:  # targets are read from the start
-                keep = kept_slice(length, limit, self.args.truncation_mode)
-                out.append({**{k: v[keep] for k, v in example.items()}, "labels": example["labels"][:limit]})
-            else:
-                options = TokenizeOptions(max_length=limit, truncation_mode=self.args.truncation_mode)
-                (keep,) = fitting_slices(example["input_ids"], example["loss_mask"], options, i)
-                out.append({key: values[keep] for key, values in example.items()})
-            cut, dropped = cut + 1, dropped + length - limit
+            ids = example["input_ids"]
+            # Seq2seq targets are read from the start, whatever side the inputs keep; the inputs train nothing.
+            mask = [] if self.is_encoder_decoder else example["loss_mask"]
+            (keep,) = fit(ids, mask, self.options, i)
+            fitted = {key: values[keep] for key, values in example.items()}
+            if self.is_encoder_decoder and keep != slice(None):
+                fitted["labels"] = example["labels"][: self.options.max_length]
+            out.append(fitted)
+            lost = len(ids) - len(fitted["input_ids"])
+            cut, dropped = cut + bool(lost), dropped + lost
         if cut:
-            self.truncated["examples"] += cut
-            self.truncated["tokens"] += dropped
-            if not self._truncation_reported:
-                self._truncation_reported = True
-                logger.warning(
-                    "step() truncated %d of %d examples longer than max_length=%d, dropping %d tokens (%s). "
-                    "Later truncation is counted in trainer.truncated and in step()'s num_truncated_tokens.",
-                    cut, len(examples), limit, dropped, self.args.truncation_mode,
-                )  # fmt: skip
+            self.truncation.add_and_warn_once(cut, dropped)
         return out
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ..config import DEFAULT_MAX_SEQ_LENGTH_CAP, SFTConfig, train_without_evaluation_data, trainer_config
+from ..config import SFTConfig, train_without_evaluation_data, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
-from ..data.packing import pack_dataset
-from ..data.tokenize import TokenizeOptions, prepare_dataset
+from ..data.pipeline import default_max_length, explicit_generation_config, prepare_for_training
 from ..engines import start_deepspeed_communication, warn_if_fsdp_dropped
 from ..loss import enable_chunked_loss, model_own_loss, token_counts
 from ..memory import use_memory_efficient_mlp
@@ -101,7 +100,7 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         )
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if args.max_seq_length is None:
-            args.max_seq_length = args.max_length = min(text_tokenizer.model_max_length, DEFAULT_MAX_SEQ_LENGTH_CAP)
+            args.max_seq_length = args.max_length = default_max_length(text_tokenizer)
 
         if model is not None:
             model = _prepare_peft_model(model, peft_config, args)
@@ -114,9 +113,10 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         self._chunked_loss = enable_chunked_loss(model, args.loss_chunk_size) if chunked else None
 
         if not args.dataset_options["skip_prepare_dataset"]:
+            generation_config = explicit_generation_config(model)
 
             def prepare(data: Any, packing: bool, name: str) -> Any:
-                return self._prepare(data, text_tokenizer, args, formatting_func, packing, name)
+                return self._prepare(data, text_tokenizer, args, formatting_func, packing, name, generation_config)
 
             train_dataset = prepare(train_dataset, args.packing, "train")
             eval_packing = args.packing if args.eval_packing is None else args.eval_packing
@@ -169,33 +169,17 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
 
     @staticmethod
     def _prepare(
-        dataset: Any, tokenizer: Any, args: SFTConfig, formatting_func: Callable | None, packing: bool, name: str
+        dataset: Any,
+        tokenizer: Any,
+        args: SFTConfig,
+        formatting_func: Callable | None,
+        packing: bool,
+        name: str,
+        generation_config: Any = None,
     ) -> Any:
         if dataset is None or not _is_hf_dataset(dataset):
             return dataset  # torch datasets (ConstantLengthDataset, ...) yield rows ready for the collator
-        options = TokenizeOptions(
-            max_length=None if packing and args.packing_strategy == "wrapped" else args.max_seq_length,
-            text_field=args.dataset_text_field,
-            add_special_tokens=args.dataset_options["add_special_tokens"],
-            completion_only_loss=args.completion_only_loss,
-            assistant_only_loss=args.assistant_only_loss,
-            truncation_mode=args.truncation_mode,
-            assistant_turns_as_examples=args.assistant_turns_as_examples,
-            inexact_turns=getattr(args, "inexact_turns", "split"),
-            overlong="split" if packing and args.packing_strategy == "bfd_split" else "truncate",
-        )
-        dataset = prepare_dataset(
-            dataset,
-            tokenizer,
-            options,
-            formatting_func,
-            args.dataset_num_proc,
-            args.dataset_batch_size,
-            name,
-        )
-        if packing:
-            dataset = pack_dataset(dataset, args.max_seq_length, args.packing_strategy, seed=args.seed)
-        return dataset
+        return prepare_for_training(dataset, tokenizer, args, packing, name, formatting_func, generation_config)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -495,6 +495,7 @@ def test_plain_prompt_whose_tokens_are_not_a_prefix_keeps_them_and_starts_the_co
 
 @pytest.mark.parametrize("name", ["mistral_v03", "qwen3", "gptoss"])
 def test_preview_shows_each_turns_context_trained_tokens_and_rendering(real, tmp_path, capsys, name):
+    from sftune.cli import parse_sft_args
     from sftune.data.preview import preview_rows
 
     tokenizer = real(name)
@@ -503,7 +504,8 @@ def test_preview_shows_each_turns_context_trained_tokens_and_rendering(real, tmp
     messages = CASES["reasoning"]
     (tmp_path / "data.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     (tmp_path / "recipe.yaml").write_text("assistant_only_loss: true\nmax_length: 4096\n")
-    shown = preview_rows(str(model_dir), str(tmp_path / "data.jsonl"), 1, str(tmp_path / "recipe.yaml"), "never")
+    recipe = parse_sft_args(["--config", str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path / "out")])[1]
+    shown = preview_rows(str(model_dir), str(tmp_path / "data.jsonl"), 1, recipe, "never")
     out = capsys.readouterr().out
     check_rows(name, tokenizer, messages, shown)
     for turn, message in enumerate(messages):

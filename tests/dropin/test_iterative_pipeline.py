@@ -101,11 +101,11 @@ def test_step_truncation_is_reported_once(tiny_llama_path, tmp_path, caplog):
     import logging
 
     trainer = IterativeSFTTrainer(str(tiny_llama_path), args=config(tmp_path, max_length=4))
-    with caplog.at_level(logging.WARNING, logger="sftune.trainers.iterative"):
+    with caplog.at_level(logging.WARNING, logger="sftune"):
         first = trainer.step(input_ids=[[5, 6, 7, 8, 9, 10], [5, 6]])
         second = trainer.step(input_ids=[[5, 6, 7, 8, 9, 10, 11]])
-    reports = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert len(reports) == 1 and "truncated 1 of 2 examples" in reports[0] and "dropping 2 tokens" in reports[0]
+    reports = [r.getMessage() for r in caplog.records if "Truncation" in r.getMessage()]
+    assert len(reports) == 1 and "dropped 2 tokens from 1 examples of step()" in reports[0]
     assert first["num_truncated_tokens"] == 2 and second["num_truncated_tokens"] == 3
     assert trainer.truncated == {"examples": 2, "tokens": 5}
 

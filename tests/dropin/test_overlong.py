@@ -91,4 +91,4 @@ def test_truncation_of_a_stream_is_reported_once(tiny_llama_plain_path, tmp_path
         trainer = SFTTrainer(str(tiny_llama_plain_path), args=config(tmp_path, max_steps=2), train_dataset=data)
         trainer.train()
     reports = [r.getMessage() for r in caplog.records if "Truncation" in r.getMessage()]
-    assert len(reports) == 1 and "example 0" in reports[0]
+    assert len(reports) == 1 and "the first at row 0" in reports[0]
