@@ -19,12 +19,11 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
+from ..config import NONFINITE_MODES
 from ..errors import NonFiniteTrainingError, TrainingInterrupted
 from .checkpoints import CHECKPOINT_PREFIX, newest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
-
-NONFINITE_MODES = ("stop", "skip")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -41,7 +40,7 @@ class NonFiniteGuard(TrainerCallback):
         self, mode: str = "stop", check_gradients: bool = True, deepspeed_engine: Callable[[], Any] | None = None
     ) -> None:
         if mode not in NONFINITE_MODES:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {mode!r}.")
         self.mode = mode
         # Under fp16 loss scaling, overflowing gradients are routine: the scaler skips those steps itself.
         self.check_gradients = check_gradients
