@@ -133,7 +133,15 @@ class Renderer:
         )
 
 
-_RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _RendererCache(weakref.WeakKeyDictionary):
+    """Renderers per tokenizer, for this process. datasets fingerprints a map function by pickling what it reaches,
+    this cache included: it pickles as an empty cache, never as every tokenizer the process has rendered with."""
+
+    def __reduce__(self) -> tuple:
+        return (_RendererCache, ())
+
+
+_RENDERERS: _RendererCache = _RendererCache()
 
 
 def renderer_for(tokenizer: Any, tools: list | None = None, template_kwargs: dict | None = None) -> Renderer:

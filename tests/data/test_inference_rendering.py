@@ -207,4 +207,8 @@ def test_a_renderer_in_use_survives_pickling(tokenizer_for):
     copy = pickle.loads(pickle.dumps(renderer))
     prepared = copy.prepare(messages)
     assert copy.text(prepared, original=messages) == tokenizer.apply_chat_template(messages, tokenize=False)
-    Hasher.hash(render.renderer_for)  # what datasets does to a map function that calls it
+    # What datasets does to a map function that calls it: the process's cache of renderers (every tokenizer
+    # rendered with so far) must not be part of it, or each map pickles all of them (minutes over a test suite).
+    assert Hasher.hash(render.renderer_for) == Hasher.hash(render.renderer_for)
+    cached = pickle.loads(pickle.dumps(render._RENDERERS))
+    assert len(render._RENDERERS) >= 1 and len(cached) == 0
