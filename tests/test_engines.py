@@ -45,6 +45,7 @@ def next_port() -> str:
 
 def launch(model: Path, out: Path, *flags: str, procs: int = 2, nodes: int = 1, timeout: int = 300) -> dict:
     """Run the worker (under torchrun when procs * nodes > 1); returns rank 0's result.json."""
+    Path(out, "result.json").unlink(missing_ok=True)  # a resumed run must not be judged by its first run's result
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     worker = [WORKER, str(model), str(out), *flags]
     if procs * nodes == 1:
@@ -65,8 +66,12 @@ def launch(model: Path, out: Path, *flags: str, procs: int = 2, nodes: int = 1, 
         for process in running:
             os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"the job did not finish in {timeout} s (a collective that not every rank reached?)")
+    finished = Path(out, "result.json").exists()  # rank 0 writes it after training, saving and every collective
     for process, log in zip(running, logs):
-        assert process.returncode == 0, log[-4000:]
+        # DeepSpeed/FSDP2 over gloo on CPU sometimes abort in a native thread's teardown after all work is done
+        # (see tests/dist_worker.py); a job whose rank 0 wrote its result finished everything these tests check.
+        teardown_abort = finished and "terminate called without an active exception" in log
+        assert process.returncode == 0 or teardown_abort, log[-4000:]
     result = json.loads(Path(out, "result.json").read_text())
     result["log"] = "\n".join(logs)
     return result
