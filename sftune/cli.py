@@ -96,24 +96,12 @@ def parse_sft_args(argv: list[str]) -> tuple[ScriptArguments, Any, Any]:
 
 
 def read_yaml_recipe(path: str) -> dict[str, Any]:
-    import yaml
+    from .scripts.utils import read_recipe
 
-    if not Path(path).is_file():
-        raise UsageError(f"Config file {path} not found.")
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path}: not UTF-8 text (byte {err.start}).") from err
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise UsageError(f"{path}: not valid YAML{where}: {problem}.") from err
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise UsageError(f"{path}: expected `key: value` lines, got a {type(values).__name__}.")
-    return values
+        return read_recipe(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _set_recipe_env(values: dict[str, Any], path: str) -> None:

@@ -5,11 +5,13 @@ accelerate 1.4+. Code elsewhere asks this module instead of testing versions its
 version is a matter of deleting lines here.
 
 What it covers:
+- `output_dir`: required by older 4.x releases, optional ("trainer_output") in 5.x: optional on every version.
 - TrainingArguments fields that transformers 5 removed but TRL-era code still passes (`warmup_ratio`,
   `evaluation_strategy`, `overwrite_output_dir`, ...): `legacy_training_arguments_base()` gives the configs a base
   class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
   (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
 - `rotate_checkpoints` (only transformers 5 has a public one); `best_global_step` (4.50+ records it).
+- FSDP2, which the oldest supported transformers/accelerate cannot run (`fsdp2_unavailable`).
 - The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
 - Processors called TRL-era style, `processor(texts, images)`, which transformers 5 reads as `images=texts`.
 - Whether the installed transformers isolates packed documents from `position_ids` alone.
@@ -165,12 +167,30 @@ LEGACY_TRAINING_ARGUMENTS: dict[str, tuple[type, str, Any]] = {
 
 
 @functools.cache
+def fsdp2_unavailable() -> str | None:
+    """Why the installed transformers/accelerate cannot train FSDP2 (None where they can): before transformers
+    builds accelerate's FSDP settings from `fsdp_config` itself (`_process_fsdp_args`) and accelerate's plugin has
+    `fsdp_version` (both absent from transformers 4.46 / accelerate 1.4), `fsdp_config` selects FSDP1 only."""
+    import accelerate
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if not hasattr(TrainingArguments, "_process_fsdp_args"):
+        return f"transformers {transformers.__version__} trains FSDP1 only"
+    if "fsdp_version" not in {f.name for f in dataclasses.fields(FullyShardedDataParallelPlugin)}:
+        return f"accelerate {accelerate.__version__} trains FSDP1 only"
+    return None
+
+
 def legacy_training_arguments_base() -> type:
     """`TrainingArguments` plus a field (default None) for each old name the installed transformers lacks, so that
     constructors, `HfArgumentParser` flags and YAML recipes all accept them. On transformers 4.x: `TrainingArguments`
-    itself (the names are its own fields there)."""
-    present = {f.name for f in dataclasses.fields(TrainingArguments)}
-    extra = []
+    itself (the names are its own fields there), with `output_dir` optional as in 5.x."""
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    present = set(fields)
+    extra: list[tuple[str, Any, Any]] = []
+    if fields["output_dir"].default is dataclasses.MISSING:  # required by older 4.x (4.46); optional in 5.x
+        help_text = "Where checkpoints and the model are written (default: trainer_output)."
+        extra.append(("output_dir", str | None, dataclasses.field(default=None, metadata={"help": help_text})))
     for name, (kind, meaning, _) in LEGACY_TRAINING_ARGUMENTS.items():
         if name not in present:
             help_text = f"Deprecated (transformers 4.x): {meaning}."
@@ -182,7 +202,10 @@ def legacy_training_arguments_base() -> type:
 
 def apply_legacy_arguments(args: Any) -> None:
     """Map every old name set on `args` to its current meaning, with one FutureWarning each (before
-    `TrainingArguments.__post_init__`). A no-op on transformers 4.x, where they are transformers' own fields."""
+    `TrainingArguments.__post_init__`). On transformers 4.x, where they are transformers' own fields, only give
+    `output_dir` the default newer versions give it."""
+    if args.output_dir is None:
+        args.output_dir = "trainer_output"
     if not TRANSFORMERS_5:
         return
     for name, (_, meaning, apply) in LEGACY_TRAINING_ARGUMENTS.items():

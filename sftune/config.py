@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from .compat import (
     apply_legacy_arguments,
+    fsdp2_unavailable,
     legacy_training_arguments_base,
     mixed_precision_env_of_this_config,
     start_processes_before_deepspeed_config,
@@ -90,6 +91,19 @@ def truncation_mode_field(default: str) -> Any:
     )
 
 
+def refuse_fsdp2_where_unavailable(args: Any) -> None:
+    """An `fsdp_config` that asks for FSDP2 on a stack that can only train FSDP1 is an error, not FSDP1."""
+    config = args.fsdp_config or {}
+    version = config.get("fsdp_version", config.get("version"))
+    if args.fsdp and version is not None and str(version) == "2":
+        reason = fsdp2_unavailable()
+        if reason is not None:
+            raise ValueError(
+                f"fsdp_config asks for FSDP2 (version 2), but {reason}. Upgrade transformers and accelerate "
+                "(FSDP2 is tested on transformers 5.25 with accelerate 1.16), or leave the version out for FSDP1."
+            )
+
+
 @dataclass
 class SharedTrainingConfig(TrainingArgumentsWithLegacyNames):
     """The fields SFTConfig and IterativeSFTConfig share, declared and checked once, and the checks both run:
@@ -133,6 +147,7 @@ class SharedTrainingConfig(TrainingArgumentsWithLegacyNames):
         apply_machine_defaults(self)
         with mixed_precision_env_of_this_config():
             super().__post_init__()
+        refuse_fsdp2_where_unavailable(self)
 
     def check_own_fields(self) -> None:
         """A config's own fields, normalised and checked before the shared checks."""

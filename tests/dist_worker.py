@@ -122,8 +122,10 @@ def main(argv: list[str]) -> None:
         if not options.no_shim:
             take_fsdp_path_on_cpu()
         wrap = ["LlamaDecoderLayer"] + (["Linear"] if options.head_unit else [])
-        engine = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": wrap,
-                                                      "state_dict_type": options.state_dict_type})  # fmt: skip
+        fsdp_config = {"transformer_layer_cls_to_wrap": wrap, "state_dict_type": options.state_dict_type}
+        if not options.no_shim:  # FSDP2 where it runs; left out, accelerate's choice on every version (then dropped)
+            fsdp_config["fsdp_version"] = 2
+        engine = dict(fsdp="full_shard", fsdp_config=fsdp_config)
     elif world > 1 and options.engine.startswith("zero"):
         engine = dict(deepspeed=deepspeed_config(int(options.engine[-1])))
     args = SFTConfig(output_dir=f"{options.out}/run", max_steps=options.steps, learning_rate=1e-3,
@@ -167,13 +169,6 @@ def main(argv: list[str]) -> None:
         Path(options.out, "result.json").write_text(json.dumps(result))
     if world > 1:
         torch.distributed.destroy_process_group()
-    if world > 1 and options.engine != "ddp":
-        # DeepSpeed and FSDP2 on CPU over gloo sometimes abort at interpreter exit, after all work is done and saved
-        # ("terminate called without an active exception": a native communication thread not joined at static
-        # destruction; seen under ZeRO and once in an FSDP2 Ctrl-C run): leave without static destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def record_check_windows(check_tokens: int) -> list:

@@ -212,7 +212,9 @@ def build_tekken():
     with tempfile.TemporaryDirectory() as tmp:
         ranks_file = Path(tmp) / "ranks.tiktoken"
         ranks_file.write_text("".join(f"{t['token_bytes']} {t['rank']}\n" for t in data["vocab"][:size]))
-        backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=config["pattern"]).converted()
+        converter = TikTokenConverter(vocab_file=str(ranks_file), pattern=config["pattern"])
+        converter.additional_special_tokens = []  # transformers 4.x adds this list as is (None by default: a crash)
+        backend = converter.converted()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens({"additional_special_tokens": TEKKEN_SPECIALS})
     return tokenizer

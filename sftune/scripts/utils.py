@@ -20,6 +20,7 @@ import sys
 from argparse import Namespace
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -73,14 +74,15 @@ def read_recipe(path: str) -> dict[str, Any]:
     """A YAML recipe as a dict (empty for an empty file), with errors that name the file and line."""
     import yaml
 
+    if not Path(path).is_file():
+        raise ValueError(f"Config file {path} not found.")
     try:
-        with open(path, encoding="utf-8") as handle:
-            config = yaml.safe_load(handle)
-    except FileNotFoundError as err:
-        raise ValueError(f"Config file {path} not found.") from err
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}).") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}.") from err
     if config is None:
         return {}

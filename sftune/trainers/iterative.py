@@ -29,7 +29,7 @@ from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model, p
 from ..data.formats import Segments
 from ..data.pipeline import pipeline_options
 from ..data.tokenize import TruncationReport, fit, tokenize_rows
-from ..engines import start_deepspeed_communication
+from ..engines import release_process_group_at_exit, start_deepspeed_communication
 from ..loss import enable_chunked_loss
 from ..models import default_output_dir, resolve_model, resolve_processing_class, tag_model, takes_packed_rows
 from .checkpoints import AtomicCheckpoints
@@ -95,6 +95,7 @@ class IterativeSFTTrainer(AtomicCheckpoints, Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.model_id = model_id
+        release_process_group_at_exit()
         # The same check as SFTTrainer's, called by step() itself (no training loop here to fire callbacks).
         self.nonfinite_guard = NonFiniteGuard(args.on_nonfinite, check_gradients=not args.fp16)
         self.create_optimizer()

@@ -17,7 +17,13 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from ..config import SFTConfig, train_without_evaluation_data, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.pipeline import default_max_length, explicit_generation_config, prepare_for_training
-from ..engines import start_deepspeed_communication, warn_if_fsdp_dropped
+from ..engines import (
+    drop_fsdp_accelerate_cannot_build,
+    fsdp_asked,
+    release_process_group_at_exit,
+    start_deepspeed_communication,
+    warn_if_fsdp_dropped,
+)
 from ..loss import enable_chunked_loss, model_own_loss, token_counts
 from ..memory import use_memory_efficient_mlp
 from ..models import (
@@ -132,6 +138,8 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
                 padding_free=args.padding_free and compute_metrics is None and takes_packed_rows(model),
             )
 
+        asked_fsdp = fsdp_asked(args)
+        drop_fsdp_accelerate_cannot_build(args)
         super().__init__(
             model=model,
             args=args,
@@ -158,7 +166,8 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
             check_gradients=not scaled,
             deepspeed_engine=lambda: self.model_wrapped if self.is_deepspeed_enabled else None,
         )
-        warn_if_fsdp_dropped(self)
+        warn_if_fsdp_dropped(self, asked_fsdp)
+        release_process_group_at_exit()
         self._interrupt = InterruptHandler()
         self.add_callback(self._nonfinite_guard)
         self.add_callback(self._interrupt)
@@ -262,6 +271,16 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
         if mode == "train" and "loss" in logs:
             logs.update(self._throughput.measure(self._num_tokens["train"]))
         super().log(logs, *(() if start_time is None else (start_time,)))  # transformers < 4.47: log(logs)
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> tuple[list, Any]:
+        batches, num_items_in_batch = super().get_batch_samples(*args, **kwargs)
+        if num_items_in_batch is None or hasattr(self, "_loss_shifts_labels") or self.model_is_encoder_decoder:
+            return batches, num_items_in_batch
+        # transformers 4.x counts every label; the loss predicts labels[:, 1:] only (as transformers 5 counts).
+        count = sum(int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) for batch in batches if "labels" in batch)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = int(self.accelerator.gather(torch.tensor(count, device=self.args.device)).sum())
+        return batches, count
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

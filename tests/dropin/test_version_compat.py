@@ -88,6 +88,14 @@ def test_every_legacy_name_is_accepted_by_both_configs(tmp_path):
                 config_class(output_dir=str(tmp_path), report_to="none", **{name: value})
 
 
+@pytest.mark.parametrize("config_class", [SFTConfig, IterativeSFTConfig])
+def test_output_dir_is_optional_on_every_transformers(config_class, tmp_path, monkeypatch):
+    """transformers 5 defaults output_dir to "trainer_output"; 4.46 required it. Both ends: the 5.x default."""
+    monkeypatch.chdir(tmp_path)
+    expected = TrainingArguments().output_dir if TRANSFORMERS_5 else "trainer_output"
+    assert config_class(report_to="none").output_dir == expected == "trainer_output"
+
+
 def test_plain_training_arguments_as_args_keep_warmup(tiny_llama_path, tmp_path):
     kwargs = {"warmup_ratio": 0.25} if not TRANSFORMERS_5 else {"warmup_steps": 0.25}
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", save_strategy="no", **kwargs)
