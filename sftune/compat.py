@@ -11,6 +11,7 @@ What it covers:
   class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
   (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
 - `rotate_checkpoints` (only transformers 5 has a public one); `best_global_step` (4.50+ records it).
+- `torch.load` of the indexed CPU devices accelerate gives multi-CPU processes (`read_indexed_cpu_locations`).
 - FSDP2, which the oldest supported transformers/accelerate cannot run (`fsdp2_unavailable`).
 - The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
 - Processors called TRL-era style, `processor(texts, images)`, which transformers 5 reads as `images=texts`.
@@ -341,6 +342,20 @@ def numpy_safe_globals() -> Any:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     return torch.serialization.safe_globals(allowed)
+
+
+@functools.cache
+def read_indexed_cpu_locations() -> None:
+    """Let `torch.load` take `map_location="cpu:N"`. accelerate (1.4 to at least 1.16) gives each process of a
+    multi-CPU run the device `cpu:<local rank>`, and transformers 4.x resumes a multi-process run's optimizer with
+    `torch.load(map_location=args.device)`, which torch refuses ("don't know how to restore data location ... cpu:0").
+    Any CPU index is the CPU: registered once, for locations torch has no reader for."""
+    import torch
+
+    def read(storage: Any, location: str) -> Any:
+        return storage if re.fullmatch(r"cpu:\d+", location) else None
+
+    torch.serialization.register_package(100, lambda storage: None, read)
 
 
 def bits_and_bytes_config(**kwargs: Any) -> Any:

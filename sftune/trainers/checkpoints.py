@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..compat import best_global_step, numpy_safe_globals, rotate_checkpoints
+from ..compat import best_global_step, numpy_safe_globals, read_indexed_cpu_locations, rotate_checkpoints
 from ..errors import CheckpointSaveError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class AtomicCheckpoints:
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+        read_indexed_cpu_locations()
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_rng_state(self, checkpoint: Any) -> None:
         with numpy_safe_globals():  # transformers 4.4x loads the numpy RNG state with torch's weights_only default
