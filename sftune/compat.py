@@ -11,6 +11,7 @@ What it covers:
   class that accepts them, and `apply_legacy_arguments()` maps each to its current meaning with one FutureWarning
   (or, where it no longer means anything, says so). On transformers 4.x they are transformers' own fields.
 - `rotate_checkpoints` (only transformers 5 has a public one); `best_global_step` (4.50+ records it).
+- The token count of the loss average, `num_items_in_batch` (`counts_predicted_labels`).
 - `torch.load` of the indexed CPU devices accelerate gives multi-CPU processes (`read_indexed_cpu_locations`).
 - FSDP2, which the oldest supported transformers/accelerate cannot run (`fsdp2_unavailable`).
 - The `from_pretrained` keyword for the dtype (`dtype` in 5.x, `torch_dtype` before 4.56).
@@ -342,6 +343,13 @@ def numpy_safe_globals() -> Any:
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     return torch.serialization.safe_globals(allowed)
+
+
+def counts_predicted_labels(trainer: Any) -> bool:
+    """Whether this transformers counts `num_items_in_batch` over the labels a causal LM predicts (`labels[:, 1:]`),
+    as 5.x does (it sets `_loss_shifts_labels`); 4.x counts every label, position 0 included, so the token average
+    differs between 1 and N processes."""
+    return hasattr(trainer, "_loss_shifts_labels")
 
 
 @functools.cache

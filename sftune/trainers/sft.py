@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from ..compat import counts_predicted_labels
 from ..config import SFTConfig, train_without_evaluation_data, trainer_config
 from ..data.collators import IGNORE_INDEX, DataCollatorForSFT, mask_for_model
 from ..data.pipeline import default_max_length, explicit_generation_config, prepare_for_training
@@ -274,9 +275,9 @@ class SFTTrainer(AtomicCheckpoints, Trainer):
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> tuple[list, Any]:
         batches, num_items_in_batch = super().get_batch_samples(*args, **kwargs)
-        if num_items_in_batch is None or hasattr(self, "_loss_shifts_labels") or self.model_is_encoder_decoder:
+        if num_items_in_batch is None or counts_predicted_labels(self) or self.model_is_encoder_decoder:
             return batches, num_items_in_batch
-        # transformers 4.x counts every label; the loss predicts labels[:, 1:] only (as transformers 5 counts).
+        # Count what the loss predicts, labels[:, 1:], as transformers 5 does (4.x counted every label).
         count = sum(int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) for batch in batches if "labels" in batch)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = int(self.accelerator.gather(torch.tensor(count, device=self.args.device)).sum())
